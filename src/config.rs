@@ -1,0 +1,384 @@
+//! Configuration: compiled defaults < `config/default.toml` < an optional file
+//! (`--config` or `PGTASKS_CONFIG`) < `PGTASKS_*` environment variables (nested
+//! keys joined by `__`, e.g. `PGTASKS_WORKER__POLL_INTERVAL=5s`) < the seed's
+//! `DATABASE_URL` and `PORT`.
+//!
+//! Every error names the key it is about. Durations are written like `250ms`,
+//! `5s`, `15m`, `7d` (a bare number means seconds).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The name of the queue the seed's `POST /api/jobs/readme` submits to.
+pub const README_QUEUE: &str = "readme-queue";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: not found")]
+    MissingFile { path: PathBuf },
+    /// figment's message already names the key and the source of the value.
+    #[error("config: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration of one pgtasks process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    pub maintenance: MaintenanceConfig,
+    pub api: ApiConfig,
+    /// Queues by name, with their policies. Created or updated at startup.
+    pub queues: BTreeMap<String, QueueConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: DatabaseConfig::default(),
+            worker: WorkerConfig::default(),
+            maintenance: MaintenanceConfig::default(),
+            api: ApiConfig::default(),
+            queues: BTreeMap::from([(
+                README_QUEUE.to_string(),
+                QueueConfig {
+                    route: Some("readme".to_string()),
+                    ..QueueConfig::default()
+                },
+            )]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connection URL (`DATABASE_URL` overrides). Default
+    /// `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub url: String,
+    /// A separate URL for the LISTEN connection, for deployments where `url`
+    /// points at PgBouncer in transaction mode. Default: `url`.
+    pub listener_url: Option<String>,
+    /// Pooled connections for claims, acks, submits and the API. Default 10.
+    pub pool_size: usize,
+    /// Time allowed to open a connection. Default 5s.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Apply `schema.sql` at startup (under an advisory lock). Default true.
+    pub migrate: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".to_string(),
+            listener_url: None,
+            pool_size: 10,
+            connect_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Wake on NOTIFY through the listener. `false` polls only (for PgBouncer
+    /// transaction pooling). Default true.
+    pub listen: bool,
+    /// The safety-net poll: each queue looks for due jobs at least this often.
+    /// Default 2s (with `listen = false`, choose something smaller).
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// On shutdown, running jobs get this long to finish before they are
+    /// cancelled and released back to their queue. Default 10s.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// How often the listener checks that its connection still answers.
+    /// Default 15s.
+    #[serde(with = "duration")]
+    pub listener_check_interval: Duration,
+    /// Longest wait between listener reconnect attempts. Default 5s.
+    #[serde(with = "duration")]
+    pub reconnect_max_delay: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            listen: true,
+            poll_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+            listener_check_interval: Duration::from_secs(15),
+            reconnect_max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// How often the maintenance leader rescues jobs whose lease expired.
+    /// Default 5s.
+    #[serde(with = "duration")]
+    pub rescue_interval: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            rescue_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to bind. Default `0.0.0.0`.
+    pub host: String,
+    /// Port (`PORT` overrides). Default 3001.
+    pub port: u16,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            host: "0.0.0.0".to_string(),
+            port: 3001,
+        }
+    }
+}
+
+/// A queue's policy. Stored in `pgtasks.queue` at startup, where every
+/// instance (and SQL users) read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Jobs of this queue run at once in this process. Default 10.
+    pub concurrency: usize,
+    /// Retries after the first attempt (max attempts = retry_limit + 1).
+    /// Default 2.
+    pub retry_limit: u32,
+    /// Delay before the first retry. Default 1s.
+    #[serde(with = "duration")]
+    pub retry_delay: Duration,
+    /// Double the delay on each further retry. Default true.
+    pub retry_backoff: bool,
+    /// Cap on the retry delay. Default 1h.
+    #[serde(with = "duration")]
+    pub retry_delay_max: Duration,
+    /// How long one attempt may run before it is cancelled and counted as
+    /// failed; also how long a crashed worker's job waits to be rescued.
+    /// Default 15m.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// How long finished jobs are kept. Default 7d.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// Queue that receives a copy of each job that exhausts its attempts.
+    pub dead_letter: Option<String>,
+    /// The `<name>` in `POST /api/jobs/<name>`, as in the seed's routes.
+    pub route: Option<String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            concurrency: 10,
+            retry_limit: 2,
+            retry_delay: Duration::from_secs(1),
+            retry_backoff: true,
+            retry_delay_max: Duration::from_secs(3600),
+            lease: Duration::from_secs(15 * 60),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            dead_letter: None,
+            route: None,
+        }
+    }
+}
+
+/// Where to look for configuration besides the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The project's default file; skipped when absent. Usually
+    /// `config/default.toml`.
+    pub default_file: Option<PathBuf>,
+    /// An extra file that must exist (`--config` / `PGTASKS_CONFIG`).
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the layered configuration from files and the process environment.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(sources)?)
+    }
+
+    /// The layered figment, before extraction; tests add their own layers.
+    pub fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = sources.default_file.as_deref().filter(|p| p.exists()) {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        if let Some(path) = &sources.file {
+            if !Path::new(path).exists() {
+                return Err(ConfigError::MissingFile { path: path.clone() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Ok(figment
+            .merge(Env::prefixed("PGTASKS_").split("__").ignore(&["config"]))
+            .merge(
+                Env::raw()
+                    .only(&["database_url"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(Env::raw().only(&["port"]).map(|_| "api.port".into())))
+    }
+
+    /// Extracts and validates.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, ranges and cross-references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.pool_size < 2 {
+            return Err(ConfigError::invalid(
+                "database.pool_size",
+                "must be at least 2",
+            ));
+        }
+        if self.worker.poll_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "worker.poll_interval",
+                "must be greater than zero",
+            ));
+        }
+        let mut routes = BTreeMap::new();
+        for (name, queue) in &self.queues {
+            let key = |field: &str| format!("queues.{name}.{field}");
+            if let Err(reason) = validate_queue_name(name) {
+                return Err(ConfigError::invalid(format!("queues.{name}"), reason));
+            }
+            if queue.concurrency == 0 {
+                return Err(ConfigError::invalid(
+                    key("concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            if queue.lease.is_zero() {
+                return Err(ConfigError::invalid(
+                    key("lease"),
+                    "must be greater than zero",
+                ));
+            }
+            if queue.retry_delay_max < queue.retry_delay {
+                return Err(ConfigError::invalid(
+                    key("retry_delay_max"),
+                    "must not be less than retry_delay",
+                ));
+            }
+            if let Some(dead_letter) = &queue.dead_letter {
+                if dead_letter == name {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter"),
+                        "a queue cannot be its own dead-letter queue",
+                    ));
+                }
+                if !self.queues.contains_key(dead_letter) {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter"),
+                        format!("names queue `{dead_letter}`, which is not configured"),
+                    ));
+                }
+            }
+            if let Some(route) = &queue.route {
+                if route.is_empty() || !route.bytes().all(is_name_byte) {
+                    return Err(ConfigError::invalid(
+                        key("route"),
+                        "must be non-empty and use only A-Z a-z 0-9 _ . -",
+                    ));
+                }
+                if let Some(other) = routes.insert(route.clone(), name.clone()) {
+                    return Err(ConfigError::invalid(
+                        key("route"),
+                        format!("`{route}` is already the route of queue `{other}`"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
+}
+
+/// The rule `pgtasks.queue` enforces: `[A-Za-z0-9_.-]{1,48}`, so that the
+/// channel `pgtasks.<name>` fits in Postgres's 63-byte identifier limit.
+pub fn validate_queue_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 48 {
+        return Err(format!(
+            "queue name `{name}` must be 1 to 48 characters long"
+        ));
+    }
+    if !name.bytes().all(is_name_byte) {
+        return Err(format!(
+            "queue name `{name}` may use only A-Z a-z 0-9 _ . -"
+        ));
+    }
+    Ok(())
+}
+
+/// Durations as humantime strings (`250ms`, `5s`, `7d`) or a number of seconds.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Fractional(f64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+            Raw::Fractional(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+            Raw::Fractional(s) => Err(de::Error::custom(format!("{s} is not a valid duration"))),
+            Raw::Text(text) => humantime::parse_duration(text.trim()).map_err(|e| {
+                de::Error::custom(format!(
+                    "`{text}` is not a duration ({e}); write e.g. 250ms, 5s, 15m, 7d"
+                ))
+            }),
+        }
+    }
+}

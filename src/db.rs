@@ -1,0 +1,84 @@
+//! Connections: the shared pool for claims, acks and submits, and single
+//! dedicated connections (the listener's, the migrator's).
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseConfig;
+
+/// Why a database connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("config key `{key}`: not a valid PostgreSQL URL: {source}")]
+    BadUrl {
+        key: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("building the connection pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(#[from] tokio_postgres::Error),
+    #[error("connecting to PostgreSQL: timed out after {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+/// Parses a URL into a driver config with the settings every pgtasks
+/// connection shares: a connect timeout, TCP keepalives so a half-open
+/// connection is noticed, and an application name visible in pg_stat_activity.
+pub fn pg_config(
+    url: &str,
+    key: &'static str,
+    connect_timeout: Duration,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|source| DbError::BadUrl { key, source })?;
+    config
+        .connect_timeout(connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    Ok(config)
+}
+
+/// The shared pool. Connections are checked out briefly per statement batch.
+pub fn create_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let pg = pg_config(
+        &config.url,
+        "database.url",
+        config.connect_timeout,
+        "pgtasks",
+    )?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(config.connect_timeout))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .build()?)
+}
+
+/// Opens one connection outside the pool, driven by a spawned task that ends
+/// when the client is dropped. Not for LISTEN: it drops notifications.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "dedicated connection ended");
+        }
+    });
+    Ok(client)
+}

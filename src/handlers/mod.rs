@@ -1,0 +1,3 @@
+//! Handlers that ship with the binary.
+
+pub mod readme;

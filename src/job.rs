@@ -1,0 +1,64 @@
+//! The job as handlers and API clients see it, and its state machine:
+//!
+//! ```text
+//! created ─┐            ┌─► completed
+//!          ├─► active ──┼─► retry ──► active …
+//! retry ───┘            ├─► failed   (attempts exhausted; copy to dead letter)
+//!                       └─► created/retry (released on shutdown, rescued)
+//! created/retry ──► cancelled
+//! ```
+
+use chrono::{DateTime, Utc};
+use postgres_types::{FromSql, ToSql};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Mirrors the Postgres enum `pgtasks.job_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSql, FromSql)]
+#[postgres(name = "job_state")]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    #[postgres(name = "created")]
+    Created,
+    #[postgres(name = "retry")]
+    Retry,
+    #[postgres(name = "active")]
+    Active,
+    #[postgres(name = "completed")]
+    Completed,
+    #[postgres(name = "failed")]
+    Failed,
+    #[postgres(name = "cancelled")]
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Created => "created",
+            JobState::Retry => "retry",
+            JobState::Active => "active",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A claimed job, handed to a handler for one attempt.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub queue: String,
+    pub data: Value,
+    /// This attempt's number, starting at 1.
+    pub attempt: i32,
+    /// NULL in the row means the queue's `retry_limit + 1`, resolved here.
+    pub max_attempts: i32,
+    pub priority: i32,
+    pub created_at: DateTime<Utc>,
+    pub run_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    /// When this attempt's lease ends; the handler is cancelled then.
+    pub lease_until: DateTime<Utc>,
+}

@@ -1,0 +1,309 @@
+//! The runtime: wires config, pool, listener, queue workers, completer and
+//! maintenance together, and owns the shutdown sequence.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use pgtasks::{Config, Runtime, Job, JobContext, HandlerResult};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! async fn resize(job: Job, _ctx: JobContext) -> HandlerResult {
+//!     println!("resizing {}", job.data["path"]);
+//!     Ok(None)
+//! }
+//!
+//! let shutdown = CancellationToken::new();
+//! let running = Runtime::new(Config::default())
+//!     .handler("images", resize)
+//!     .start(shutdown.clone())
+//!     .await?;
+//! // ... later: shutdown.cancel();
+//! running.stopped().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Shutdown (when the token fires): workers stop claiming; running attempts
+//! get `worker.shutdown_grace` to finish; those still running are cancelled
+//! and released back to their queue (attempt not burned, available at once,
+//! other instances woken by the update trigger); the completer flushes every
+//! outcome; then [`Running::stopped`] returns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{validate_queue_name, Config, QueueConfig};
+use crate::db::{self, DbError};
+use crate::handler::{Handler, SharedHandler};
+use crate::listener::{Listener, ListenerConfig, ListenerStatus};
+use crate::maintenance::Maintenance;
+use crate::schema;
+use crate::store;
+use crate::wakeup::Wakeups;
+use crate::worker::completer::Completer;
+use crate::worker::{QueueStats, QueueWorker};
+
+/// How long the completer keeps retrying unwritten outcomes after the grace
+/// period when the database is unreachable.
+const ACK_FLUSH_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("applying schema.sql: {0}")]
+    Migrate(tokio_postgres::Error),
+    #[error("creating queues from config: {0}")]
+    SyncQueues(tokio_postgres::Error),
+    #[error("{0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("handler for queue `{queue}`: {reason}")]
+    BadQueue { queue: String, reason: String },
+}
+
+/// What to run, built before [`Runtime::start`].
+pub struct Runtime {
+    config: Config,
+    handlers: BTreeMap<String, SharedHandler>,
+    run_workers: bool,
+    run_maintenance: bool,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Self {
+        Runtime {
+            config,
+            handlers: BTreeMap::new(),
+            run_workers: true,
+            run_maintenance: true,
+        }
+    }
+
+    /// Runs `handler` for every job of `queue`. A queue missing from the
+    /// config is added with the default policy.
+    pub fn handler(mut self, queue: &str, handler: impl Handler) -> Self {
+        self.config.queues.entry(queue.to_string()).or_default();
+        self.handlers.insert(queue.to_string(), Arc::new(handler));
+        self
+    }
+
+    /// Declares a queue with its policy and handler.
+    pub fn queue(mut self, queue: &str, policy: QueueConfig, handler: impl Handler) -> Self {
+        self.config.queues.insert(queue.to_string(), policy);
+        self.handler(queue, handler)
+    }
+
+    /// Whether to run queue workers (default true). Off for an API-only process.
+    pub fn workers(mut self, on: bool) -> Self {
+        self.run_workers = on;
+        self
+    }
+
+    /// Whether to take part in maintenance (default true).
+    pub fn maintenance(mut self, on: bool) -> Self {
+        self.run_maintenance = on;
+        self
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Connects, migrates, creates the configured queues and starts every
+    /// task. Returns once all of them run; they stop when `shutdown` fires.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<Running, StartError> {
+        for queue in self.handlers.keys() {
+            validate_queue_name(queue).map_err(|reason| StartError::BadQueue {
+                queue: queue.clone(),
+                reason,
+            })?;
+        }
+        self.config.validate()?;
+        let config = self.config;
+        let pool = db::create_pool(&config.database)?;
+
+        if config.database.migrate {
+            let pg = db::pg_config(
+                &config.database.url,
+                "database.url",
+                config.database.connect_timeout,
+                "pgtasks-migrate",
+            )?;
+            let client = db::connect(&pg).await?;
+            let version = schema::migrate(&client)
+                .await
+                .map_err(StartError::Migrate)?;
+            info!(version, "schema up to date");
+        }
+        sync_queues(&pool, &config).await?;
+
+        let tasks = TaskTracker::new();
+        let status = Arc::new(ListenerStatus::default());
+        let handlers = if self.run_workers {
+            self.handlers
+        } else {
+            BTreeMap::new()
+        };
+        let wakeups = Wakeups::new(handlers.keys().map(String::as_str));
+        let mut stats = BTreeMap::new();
+
+        if self.run_maintenance {
+            let maintenance = Maintenance::new(pool.clone(), config.maintenance.rescue_interval);
+            tasks.spawn(maintenance.run(shutdown.clone()));
+        }
+
+        if !handlers.is_empty() {
+            if config.worker.listen {
+                let url = config
+                    .database
+                    .listener_url
+                    .as_deref()
+                    .unwrap_or(&config.database.url);
+                let key = if config.database.listener_url.is_some() {
+                    "database.listener_url"
+                } else {
+                    "database.url"
+                };
+                let pg = db::pg_config(
+                    url,
+                    key,
+                    config.database.connect_timeout,
+                    "pgtasks-listener",
+                )?;
+                let listener = Listener::new(
+                    ListenerConfig {
+                        pg,
+                        check_interval: config.worker.listener_check_interval,
+                        reconnect_max_delay: config.worker.reconnect_max_delay,
+                    },
+                    wakeups.clone(),
+                    status.clone(),
+                );
+                tasks.spawn(listener.run(shutdown.clone()));
+            } else {
+                info!(
+                    "listener disabled: polling every {:?}",
+                    config.worker.poll_interval
+                );
+            }
+
+            let capacity = handlers
+                .keys()
+                .map(|q| config.queues[q].concurrency)
+                .sum::<usize>()
+                .max(64);
+            let (completer, acks) = Completer::new(pool.clone(), wakeups.clone(), capacity);
+            let give_up = CancellationToken::new();
+            let completer_done = tasks.spawn(completer.run(give_up.clone()));
+
+            let attempts = TaskTracker::new();
+            let abort = CancellationToken::new();
+            let workers = TaskTracker::new();
+            for (queue, handler) in &handlers {
+                let queue_stats = Arc::new(QueueStats::default());
+                stats.insert(queue.clone(), queue_stats.clone());
+                let worker = QueueWorker {
+                    queue: queue.clone(),
+                    concurrency: config.queues[queue].concurrency,
+                    poll_interval: config.worker.poll_interval,
+                    pool: pool.clone(),
+                    handler: handler.clone(),
+                    wakeup: wakeups.get(queue).cloned().unwrap_or_default(),
+                    acks: acks.clone(),
+                    stats: queue_stats,
+                    attempts: attempts.clone(),
+                    abort: abort.clone(),
+                };
+                workers.spawn(worker.run(shutdown.clone()));
+            }
+            workers.close();
+            info!(queues = handlers.len(), "workers started");
+
+            let grace = config.worker.shutdown_grace;
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                workers.wait().await;
+                attempts.close();
+                let running = attempts.len();
+                if running > 0 {
+                    info!(
+                        running,
+                        grace_ms = grace.as_millis() as u64,
+                        "waiting for running jobs"
+                    );
+                }
+                if tokio::time::timeout(grace, attempts.wait()).await.is_err() {
+                    warn!(
+                        running = attempts.len(),
+                        "grace period over; releasing running jobs back to their queues"
+                    );
+                    abort.cancel();
+                    attempts.wait().await;
+                }
+                drop(acks);
+                if tokio::time::timeout(ACK_FLUSH_LIMIT, completer_done)
+                    .await
+                    .is_err()
+                {
+                    give_up.cancel();
+                }
+            });
+        }
+        tasks.close();
+
+        Ok(Running {
+            pool,
+            stats,
+            listener: status,
+            tasks,
+        })
+    }
+}
+
+/// Creates or updates every configured queue in one transaction.
+async fn sync_queues(pool: &Pool, config: &Config) -> Result<(), StartError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await.map_err(StartError::SyncQueues)?;
+    for (name, policy) in &config.queues {
+        store::upsert_queue(&tx, name, policy)
+            .await
+            .map_err(StartError::SyncQueues)?;
+    }
+    tx.commit().await.map_err(StartError::SyncQueues)
+}
+
+/// A started runtime.
+pub struct Running {
+    pool: Pool,
+    stats: BTreeMap<String, Arc<QueueStats>>,
+    listener: Arc<ListenerStatus>,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// The shared connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// A queue worker's counters (None when this process runs no worker for it).
+    pub fn stats(&self, queue: &str) -> Option<Arc<QueueStats>> {
+        self.stats.get(queue).cloned()
+    }
+
+    pub fn listener(&self) -> &Arc<ListenerStatus> {
+        &self.listener
+    }
+
+    /// Waits until shutdown has completed: every task stopped, every outcome
+    /// written (or handed to lease expiry if the database stayed away).
+    pub async fn stopped(self) {
+        self.tasks.wait().await;
+    }
+}

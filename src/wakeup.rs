@@ -1,0 +1,103 @@
+//! Per-queue wakeups: how the listener (and the completer) tell a queue's
+//! worker to look for work without ever blocking on it.
+//!
+//! Each queue has one [`tokio::sync::Notify`]. `notify_one` stores a single
+//! permit when the worker is busy, so a burst of notifications folds into one
+//! wakeup and a wakeup that lands mid-claim is kept for the next loop, never
+//! lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+/// The wakeup line of one queue.
+#[derive(Debug, Default)]
+pub struct QueueWakeup {
+    notify: Notify,
+    /// Set when jobs that are due later may have arrived: the worker then
+    /// re-reads its queue's next `run_at` before it sleeps.
+    schedule_changed: AtomicBool,
+    /// Notifications received for this queue (before folding).
+    notifications: AtomicU64,
+}
+
+impl QueueWakeup {
+    /// Due work may be waiting.
+    pub fn wake(&self) {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Work that becomes due later may have been added.
+    pub fn schedule_changed(&self) {
+        self.schedule_changed.store(true, Ordering::Relaxed);
+        self.wake();
+    }
+
+    /// Waits for the next wakeup. Cancel-safe: a wakeup not consumed stays
+    /// stored in the `Notify`.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Reads and clears the schedule flag.
+    pub fn take_schedule_changed(&self) -> bool {
+        self.schedule_changed.swap(false, Ordering::Relaxed)
+    }
+
+    /// Notifications delivered so far (a burst counts each one).
+    pub fn notifications(&self) -> u64 {
+        self.notifications.load(Ordering::Relaxed)
+    }
+}
+
+/// Every queue's wakeup line, keyed by queue name. Built once at startup.
+#[derive(Debug, Default, Clone)]
+pub struct Wakeups {
+    queues: Arc<HashMap<String, Arc<QueueWakeup>>>,
+}
+
+impl Wakeups {
+    pub fn new<'a>(queues: impl IntoIterator<Item = &'a str>) -> Self {
+        Wakeups {
+            queues: Arc::new(
+                queues
+                    .into_iter()
+                    .map(|q| (q.to_string(), Arc::default()))
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn get(&self, queue: &str) -> Option<&Arc<QueueWakeup>> {
+        self.queues.get(queue)
+    }
+
+    /// The queue for a NOTIFY channel name (`pgtasks.<queue>`).
+    pub fn for_channel(&self, channel: &str) -> Option<&Arc<QueueWakeup>> {
+        channel
+            .strip_prefix(CHANNEL_PREFIX)
+            .and_then(|q| self.get(q))
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
+    /// After the listener (re)connects: notifications sent while it was away
+    /// are gone, so every queue looks again, timers included.
+    pub fn wake_all(&self) {
+        for wakeup in self.queues.values() {
+            wakeup.schedule_changed();
+        }
+    }
+}
+
+/// Channel names are `pgtasks.<queue>`, as the schema's triggers send them.
+pub const CHANNEL_PREFIX: &str = "pgtasks.";
+
+pub fn channel_name(queue: &str) -> String {
+    format!("{CHANNEL_PREFIX}{queue}")
+}

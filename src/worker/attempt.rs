@@ -1,0 +1,98 @@
+//! One attempt of one job: run the handler under its lease, turn the result
+//! (or a panic, or the lease running out, or shutdown) into an [`Ack`].
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::completer::{Ack, AckSender, Outcome};
+use crate::handler::{JobContext, SharedHandler};
+use crate::job::Job;
+
+/// Everything an attempt needs, moved into its task.
+pub struct Attempt {
+    pub job: Job,
+    pub lease_left: Duration,
+    pub handler: SharedHandler,
+    pub acks: AckSender,
+    /// Fires when shutdown's grace period is over: stop and release.
+    pub abort: CancellationToken,
+    /// The concurrency slot; freed once the outcome is handed to the completer.
+    pub slot: OwnedSemaphorePermit,
+    pub slot_freed: Arc<tokio::sync::Notify>,
+}
+
+impl Attempt {
+    pub async fn run(self) {
+        let Attempt {
+            job,
+            lease_left,
+            handler,
+            acks,
+            abort,
+            slot,
+            slot_freed,
+        } = self;
+        let queue: Arc<str> = Arc::from(job.queue.as_str());
+        let (id, attempt) = (job.id, job.attempt);
+        let pickup = (job.started_at - job.run_at.max(job.created_at))
+            .to_std()
+            .unwrap_or_default();
+        metrics::histogram!("pgtasks_pickup_latency_seconds", "queue" => queue.to_string())
+            .record(pickup.as_secs_f64());
+
+        let cancelled = abort.child_token();
+        let ctx = JobContext::new(cancelled.clone());
+        let started = Instant::now();
+        let lease_end = started + lease_left;
+        let run = AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind();
+        let outcome = tokio::select! {
+            result = run => match result {
+                Ok(Ok(output)) => Outcome::Completed(output),
+                Ok(Err(error)) => Outcome::Failed(error.to_string()),
+                Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
+            },
+            _ = tokio::time::sleep_until(lease_end) => {
+                cancelled.cancel();
+                Outcome::Failed(format!("lease expired: the attempt ran longer than {lease_left:.0?}"))
+            }
+            _ = abort.cancelled() => Outcome::Released,
+        };
+        metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
+            .record(started.elapsed().as_secs_f64());
+        if let Outcome::Failed(error) = &outcome {
+            warn!(queue = %queue, job_id = id, attempt, error = %error, "job attempt failed");
+        }
+        let ack = Ack {
+            queue,
+            id,
+            attempt,
+            outcome,
+        };
+        if acks.send(ack).await.is_err() {
+            // Only possible if the completer died; the lease rescues the job.
+            warn!(
+                job_id = id,
+                "completer gone; job will be rescued after its lease"
+            );
+        }
+        drop(slot);
+        slot_freed.notify_one();
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}

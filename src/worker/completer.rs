@@ -1,0 +1,169 @@
+//! The completer: writes the outcome of finished attempts in batches.
+//!
+//! Attempts send an [`Ack`] over a channel; the completer takes the first one,
+//! then everything else already waiting, and writes them with one statement
+//! per kind. An idle system therefore writes each ack at once, and a busy one
+//! folds hundreds into a statement. A failed write is retried (acks are never
+//! dropped) until it succeeds or the process gives up at the end of shutdown,
+//! in which case the jobs' leases expire and the rescuer retries them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::job::JobState;
+use crate::store;
+use crate::wakeup::Wakeups;
+
+/// Largest number of acks written in one statement.
+const MAX_BATCH: usize = 1000;
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Completed(Option<Value>),
+    Failed(String),
+    /// Not run to the end because the process is stopping: give the attempt
+    /// back unburned.
+    Released,
+}
+
+#[derive(Debug)]
+pub struct Ack {
+    pub queue: Arc<str>,
+    pub id: i64,
+    pub attempt: i32,
+    pub outcome: Outcome,
+}
+
+pub type AckSender = mpsc::Sender<Ack>;
+
+pub struct Completer {
+    pool: Pool,
+    wakeups: Wakeups,
+    acks: mpsc::Receiver<Ack>,
+}
+
+impl Completer {
+    pub fn new(pool: Pool, wakeups: Wakeups, capacity: usize) -> (Completer, AckSender) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Completer {
+                pool,
+                wakeups,
+                acks: rx,
+            },
+            tx,
+        )
+    }
+
+    /// Runs until every sender is dropped and all acks are written, or until
+    /// `give_up` fires while the database is unreachable.
+    pub async fn run(mut self, give_up: CancellationToken) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while self.acks.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let mut failures = 0u32;
+            loop {
+                match self.write(&batch).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures += 1;
+                        metrics::counter!("pgtasks_ack_write_errors_total").increment(1);
+                        let delay = Duration::from_millis(50 * u64::from(failures.min(40)));
+                        warn!(error = %e, acks = batch.len(), retry_in_ms = delay.as_millis() as u64,
+                              "could not write job outcomes; retrying");
+                        tokio::select! {
+                            _ = give_up.cancelled() => {
+                                error!(acks = batch.len(), "gave up writing job outcomes at shutdown; \
+                                       these jobs will be retried when their leases expire");
+                                return;
+                            }
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+            batch.clear();
+        }
+    }
+
+    async fn write(&self, batch: &[Ack]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let client = self.pool.get().await?;
+        let mut completed = Columns::default();
+        let mut failed = Columns::default();
+        let mut released = Columns::default();
+        let mut outputs = Vec::new();
+        let mut errors = Vec::new();
+        for ack in batch {
+            match &ack.outcome {
+                Outcome::Completed(output) => {
+                    completed.push(ack);
+                    outputs.push(output.clone());
+                }
+                Outcome::Failed(message) => {
+                    failed.push(ack);
+                    errors.push(message.clone());
+                }
+                Outcome::Released => released.push(ack),
+            }
+        }
+        if !completed.ids.is_empty() {
+            store::complete_jobs(&client, &completed.ids, &completed.attempts, &outputs).await?;
+            for ack in batch
+                .iter()
+                .filter(|a| matches!(a.outcome, Outcome::Completed(_)))
+            {
+                metrics::counter!("pgtasks_jobs_completed_total", "queue" => ack.queue.to_string())
+                    .increment(1);
+            }
+        }
+        if !failed.ids.is_empty() {
+            let results = store::fail_jobs(&client, &failed.ids, &failed.attempts, &errors).await?;
+            let queues: HashMap<i64, &Arc<str>> = batch
+                .iter()
+                .filter(|a| matches!(a.outcome, Outcome::Failed(_)))
+                .map(|a| (a.id, &a.queue))
+                .collect();
+            for result in &results {
+                let Some(queue) = queues.get(&result.id) else {
+                    continue;
+                };
+                if result.state == JobState::Retry {
+                    metrics::counter!("pgtasks_jobs_retried_total", "queue" => queue.to_string())
+                        .increment(1);
+                    // The retry is due later: let the local worker arm its timer.
+                    if let Some(wakeup) = self.wakeups.get(queue) {
+                        wakeup.schedule_changed();
+                    }
+                } else {
+                    metrics::counter!("pgtasks_jobs_failed_total", "queue" => queue.to_string())
+                        .increment(1);
+                }
+            }
+        }
+        if !released.ids.is_empty() {
+            let n = store::release_jobs(&client, &released.ids, &released.attempts).await?;
+            debug!(released = n, "released running jobs back to their queues");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    ids: Vec<i64>,
+    attempts: Vec<i32>,
+}
+
+impl Columns {
+    fn push(&mut self, ack: &Ack) {
+        self.ids.push(ack.id);
+        self.attempts.push(ack.attempt);
+    }
+}

@@ -1,0 +1,202 @@
+//! Per-queue workers. One [`QueueWorker`] task per queue claims due jobs and
+//! runs each in its own task, bounded by the queue's concurrency; the
+//! [`completer`] writes their outcomes.
+//!
+//! The worker sleeps until one of: a wakeup from the listener (or the
+//! completer), the slow poll, its timer for the queue's next future `run_at`,
+//! or a freed slot while the last claim suggested more work is waiting. It
+//! then claims up to its free slots in one statement, again and again while
+//! claims come back full, with no cooldown.
+
+pub mod attempt;
+pub mod completer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::handler::SharedHandler;
+use crate::store;
+use crate::wakeup::QueueWakeup;
+use attempt::Attempt;
+use completer::AckSender;
+
+/// Counters a queue worker keeps; tests and metrics read them.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Times the worker woke up (for any reason) and looked for work.
+    pub wakeups: AtomicU64,
+    /// Claim statements run.
+    pub claims: AtomicU64,
+    /// Jobs claimed.
+    pub claimed: AtomicU64,
+}
+
+impl QueueStats {
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::Relaxed)
+    }
+    pub fn claimed(&self) -> u64 {
+        self.claimed.load(Ordering::Relaxed)
+    }
+}
+
+pub struct QueueWorker {
+    pub queue: String,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub pool: Pool,
+    pub handler: SharedHandler,
+    pub wakeup: Arc<QueueWakeup>,
+    pub acks: AckSender,
+    pub stats: Arc<QueueStats>,
+    /// Where attempts run; the runtime waits on it at shutdown.
+    pub attempts: TaskTracker,
+    /// Fires when shutdown's grace period is over.
+    pub abort: CancellationToken,
+}
+
+/// Why the worker woke up; logged at debug.
+#[derive(Debug, Clone, Copy)]
+enum Wake {
+    Start,
+    Notified,
+    Poll,
+    Timer,
+    SlotFreed,
+}
+
+impl QueueWorker {
+    /// Claims and starts jobs until `stop` fires. Attempts already running
+    /// are left to the runtime's shutdown.
+    pub async fn run(self, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let slot_freed = Arc::new(Notify::new());
+        let mut timer: Option<Instant> = None;
+        let mut refresh_timer = true;
+        let mut more_waiting = false;
+        let mut failures = 0u32;
+        let mut reason = Wake::Start;
+        loop {
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            debug!(queue = %self.queue, ?reason, "worker awake");
+            refresh_timer |= self.wakeup.take_schedule_changed();
+            match self.claim_and_start(&slots, &slot_freed, &stop).await {
+                Ok(full) => {
+                    more_waiting = full;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(queue = %self.queue, error = %e, "claim failed; will retry");
+                    metrics::counter!("pgtasks_claim_errors_total", "queue" => self.queue.clone())
+                        .increment(1);
+                    refresh_timer = true;
+                }
+            }
+            if refresh_timer && !stop.is_cancelled() {
+                match self.read_timer().await {
+                    Ok(next) => {
+                        timer = next;
+                        refresh_timer = false;
+                    }
+                    Err(e) => warn!(queue = %self.queue, error = %e, "reading next run_at failed"),
+                }
+            }
+
+            // After an error, retry soon (bounded backoff) rather than at the poll.
+            let poll = if failures > 0 {
+                Duration::from_millis(100 * u64::from(failures.min(20))).min(self.poll_interval)
+            } else {
+                self.poll_interval
+            };
+            let poll_at = Instant::now() + poll;
+            let (deadline, deadline_reason) = match timer {
+                Some(t) if t < poll_at => (t, Wake::Timer),
+                _ => (poll_at, Wake::Poll),
+            };
+            // Every arm is cancel-safe: Notify keeps an unconsumed permit.
+            reason = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.wakeup.notified() => Wake::Notified,
+                _ = slot_freed.notified(), if more_waiting => Wake::SlotFreed,
+                _ = tokio::time::sleep_until(deadline) => deadline_reason,
+            };
+            if matches!(reason, Wake::Timer | Wake::Poll) {
+                // The timer's job is being claimed now (or the poll may find a
+                // new earliest): read the next one afterwards.
+                refresh_timer = true;
+                timer = None;
+            }
+        }
+    }
+
+    /// Claims up to the free slots, repeatedly while claims come back full.
+    /// Returns whether the last claim was full (work probably still waiting).
+    async fn claim_and_start(
+        &self,
+        slots: &Arc<Semaphore>,
+        slot_freed: &Arc<Notify>,
+        stop: &CancellationToken,
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        loop {
+            if stop.is_cancelled() {
+                return Ok(false);
+            }
+            let free = slots.available_permits();
+            if free == 0 {
+                return Ok(true);
+            }
+            let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32) else {
+                return Ok(true);
+            };
+            let claimed = {
+                let client = self.pool.get().await?;
+                store::claim_jobs(&client, &self.queue, free).await?
+            };
+            self.stats.claims.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .claimed
+                .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+            let full = claimed.len() == free;
+            for claim in claimed {
+                let Some(slot) = permits.split(1) else { break };
+                let attempt = Attempt {
+                    job: claim.job,
+                    lease_left: claim.lease_left,
+                    handler: self.handler.clone(),
+                    acks: self.acks.clone(),
+                    abort: self.abort.clone(),
+                    slot,
+                    slot_freed: slot_freed.clone(),
+                };
+                self.attempts.spawn(attempt.run());
+            }
+            drop(permits);
+            if !full {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// The local instant of the queue's next future `run_at`, measured on the
+    /// database's clock, plus a millisecond so the claim finds it due.
+    async fn read_timer(
+        &self,
+    ) -> Result<Option<Instant>, Box<dyn std::error::Error + Send + Sync>> {
+        let client = self.pool.get().await?;
+        let next = store::next_run_in(&client, &self.queue).await?;
+        Ok(next.map(|d| Instant::now() + d + Duration::from_millis(1)))
+    }
+}
