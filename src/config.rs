@@ -73,9 +73,11 @@ impl Default for Config {
 pub struct DatabaseConfig {
     /// Connection URL (`DATABASE_URL` overrides). Default
     /// `postgres://postgres@127.0.0.1:5432/postgres`.
+    #[serde(deserialize_with = "lenient::string")]
     pub url: String,
     /// A separate URL for the LISTEN connection, for deployments where `url`
     /// points at PgBouncer in transaction mode. Default: `url`.
+    #[serde(deserialize_with = "lenient::optional_string")]
     pub listener_url: Option<String>,
     /// Pooled connections for claims, acks, submits and the API. Default 10.
     pub pool_size: usize,
@@ -154,6 +156,7 @@ impl Default for MaintenanceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Address to bind. Default `0.0.0.0`.
+    #[serde(deserialize_with = "lenient::string")]
     pub host: String,
     /// Port (`PORT` overrides). Default 3001.
     pub port: u16,
@@ -195,8 +198,10 @@ pub struct QueueConfig {
     #[serde(with = "duration")]
     pub retention: Duration,
     /// Queue that receives a copy of each job that exhausts its attempts.
+    #[serde(deserialize_with = "lenient::optional_string")]
     pub dead_letter: Option<String>,
     /// The `<name>` in `POST /api/jobs/<name>`, as in the seed's routes.
+    #[serde(deserialize_with = "lenient::optional_string")]
     pub route: Option<String>,
 }
 
@@ -380,5 +385,44 @@ pub mod duration {
                 ))
             }),
         }
+    }
+}
+
+/// Strings that may arrive as numbers or booleans: the env provider parses
+/// `PGTASKS_QUEUES__A__ROUTE=2024` as an integer, which a plain `String`
+/// field would refuse.
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Uint(u64),
+        Float(f64),
+        Bool(bool),
+    }
+
+    impl Scalar {
+        fn into_string(self) -> String {
+            match self {
+                Scalar::Text(s) => s,
+                Scalar::Int(n) => n.to_string(),
+                Scalar::Uint(n) => n.to_string(),
+                Scalar::Float(n) => n.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            }
+        }
+    }
+
+    pub fn string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        Scalar::deserialize(deserializer).map(Scalar::into_string)
+    }
+
+    pub fn optional_string<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<String>, D::Error> {
+        Option::<Scalar>::deserialize(deserializer).map(|v| v.map(Scalar::into_string))
     }
 }

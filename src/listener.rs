@@ -192,11 +192,7 @@ impl Listener {
         match message {
             Some(Ok(AsyncMessage::Notification(n))) => {
                 if let Some(wakeup) = self.wakeups.for_channel(n.channel()) {
-                    if n.payload() == "scheduled" {
-                        wakeup.schedule_changed();
-                    } else {
-                        wakeup.wake();
-                    }
+                    wakeup.notification(n.payload());
                 }
                 Ok(())
             }

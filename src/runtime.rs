@@ -259,6 +259,7 @@ impl Runtime {
 
         Ok(Running {
             pool,
+            wakeups,
             stats,
             listener: status,
             tasks,
@@ -281,6 +282,7 @@ async fn sync_queues(pool: &Pool, config: &Config) -> Result<(), StartError> {
 /// A started runtime.
 pub struct Running {
     pool: Pool,
+    wakeups: Wakeups,
     stats: BTreeMap<String, Arc<QueueStats>>,
     listener: Arc<ListenerStatus>,
     tasks: TaskTracker,
@@ -295,6 +297,11 @@ impl Running {
     /// A queue worker's counters (None when this process runs no worker for it).
     pub fn stats(&self, queue: &str) -> Option<Arc<QueueStats>> {
         self.stats.get(queue).cloned()
+    }
+
+    /// A queue's wakeup line (None when this process runs no worker for it).
+    pub fn wakeup(&self, queue: &str) -> Option<Arc<crate::wakeup::QueueWakeup>> {
+        self.wakeups.get(queue).cloned()
     }
 
     pub fn listener(&self) -> &Arc<ListenerStatus> {

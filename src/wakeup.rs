@@ -26,8 +26,17 @@ pub struct QueueWakeup {
 impl QueueWakeup {
     /// Due work may be waiting.
     pub fn wake(&self) {
-        self.notifications.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
+    }
+
+    /// The listener received a NOTIFY for this queue.
+    pub fn notification(&self, payload: &str) {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
+        if payload == SCHEDULED_PAYLOAD {
+            self.schedule_changed();
+        } else {
+            self.wake();
+        }
     }
 
     /// Work that becomes due later may have been added.
@@ -47,7 +56,7 @@ impl QueueWakeup {
         self.schedule_changed.swap(false, Ordering::Relaxed)
     }
 
-    /// Notifications delivered so far (a burst counts each one).
+    /// NOTIFYs the listener delivered for this queue so far.
     pub fn notifications(&self) -> u64 {
         self.notifications.load(Ordering::Relaxed)
     }
@@ -94,6 +103,9 @@ impl Wakeups {
         }
     }
 }
+
+/// The payload the triggers send for rows that are due later.
+pub const SCHEDULED_PAYLOAD: &str = "scheduled";
 
 /// Channel names are `pgtasks.<queue>`, as the schema's triggers send them.
 pub const CHANNEL_PREFIX: &str = "pgtasks.";

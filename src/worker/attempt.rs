@@ -2,6 +2,7 @@
 //! (or a panic, or the lease running out, or shutdown) into an [`Ack`].
 
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::completer::{Ack, AckSender, Outcome};
-use crate::handler::{JobContext, SharedHandler};
+use crate::handler::{HandlerResult, JobContext, SharedHandler};
+
+/// Once its token fires, a handler has this long to return on its own before
+/// its future is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
 use crate::job::Job;
 
 /// Everything an attempt needs, moved into its task.
@@ -51,18 +56,25 @@ impl Attempt {
         let ctx = JobContext::new(cancelled.clone());
         let started = Instant::now();
         let lease_end = started + lease_left;
-        let run = AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind();
+        let mut run = pin!(AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind());
         let outcome = tokio::select! {
-            result = run => match result {
-                Ok(Ok(output)) => Outcome::Completed(output),
-                Ok(Err(error)) => Outcome::Failed(error.to_string()),
-                Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
-            },
+            result = &mut run => outcome_of(result),
             _ = tokio::time::sleep_until(lease_end) => {
                 cancelled.cancel();
-                Outcome::Failed(format!("lease expired: the attempt ran longer than {lease_left:.0?}"))
+                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                    Ok(result) => outcome_of(result),
+                    Err(_) => Outcome::Failed(format!(
+                        "lease expired: the attempt ran longer than {lease_left:.0?}"
+                    )),
+                }
             }
-            _ = abort.cancelled() => Outcome::Released,
+            _ = abort.cancelled() => {
+                // `cancelled` is a child of `abort`: the handler sees it now.
+                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                    Ok(result) => outcome_of(result),
+                    Err(_) => Outcome::Released,
+                }
+            }
         };
         metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
             .record(started.elapsed().as_secs_f64());
@@ -84,6 +96,16 @@ impl Attempt {
         }
         drop(slot);
         slot_freed.notify_one();
+    }
+}
+
+type Caught = Result<HandlerResult, Box<dyn std::any::Any + Send>>;
+
+fn outcome_of(result: Caught) -> Outcome {
+    match result {
+        Ok(Ok(output)) => Outcome::Completed(output),
+        Ok(Err(error)) => Outcome::Failed(error.to_string()),
+        Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
     }
 }
 

@@ -33,6 +33,8 @@ use completer::AckSender;
 pub struct QueueStats {
     /// Times the worker woke up (for any reason) and looked for work.
     pub wakeups: AtomicU64,
+    /// Wakeups caused by a notification (folded: a burst is one or a few).
+    pub notified: AtomicU64,
     /// Claim statements run.
     pub claims: AtomicU64,
     /// Jobs claimed.
@@ -42,6 +44,9 @@ pub struct QueueStats {
 impl QueueStats {
     pub fn wakeups(&self) -> u64 {
         self.wakeups.load(Ordering::Relaxed)
+    }
+    pub fn notified(&self) -> u64 {
+        self.notified.load(Ordering::Relaxed)
     }
     pub fn claims(&self) -> u64 {
         self.claims.load(Ordering::Relaxed)
@@ -89,6 +94,9 @@ impl QueueWorker {
         let mut reason = Wake::Start;
         loop {
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            if matches!(reason, Wake::Notified) {
+                self.stats.notified.fetch_add(1, Ordering::Relaxed);
+            }
             debug!(queue = %self.queue, ?reason, "worker awake");
             refresh_timer |= self.wakeup.take_schedule_changed();
             match self.claim_and_start(&slots, &slot_freed, &stop).await {

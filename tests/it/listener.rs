@@ -1,0 +1,84 @@
+//! The listener's reconnect, and running without it.
+
+use std::time::Duration;
+
+use pgtasks::Runtime;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{insert_jobs, wait_for, wait_for_state, Recorder, TestDb, SECS_10};
+
+#[tokio::test]
+async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let shutdown = CancellationToken::new();
+    // Poll every 60 s: only the listener can run these jobs promptly.
+    let running = Runtime::new(db.config())
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    wait_for("listener", SECS_10, || async {
+        running.listener().is_connected().then_some(())
+    })
+    .await;
+    let client = db.client().await;
+
+    let killed: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    // Inserted while the listener is down or reconnecting: its notification
+    // may be lost, so the reconnect must wake the queue.
+    insert_jobs(&client, "readme-queue", 1).await;
+    wait_for("reconnect", SECS_10, || async {
+        (running.listener().reconnects() >= 1 && running.listener().is_connected()).then_some(())
+    })
+    .await;
+    wait_for_state(&client, "completed", 1, SECS_10).await;
+
+    // And notifications flow again on the new connection.
+    insert_jobs(&client, "readme-queue", 1).await;
+    wait_for_state(&client, "completed", 2, SECS_10).await;
+    assert_eq!(recorder.total(), 2);
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+#[tokio::test]
+async fn poll_only_mode_runs_jobs_without_a_listener() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.worker.listen = false;
+    config.worker.poll_interval = Duration::from_millis(100);
+    let recorder = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    insert_jobs(&client, "readme-queue", 20).await;
+    wait_for_state(&client, "completed", 20, SECS_10).await;
+    assert_eq!(recorder.total(), 20);
+    assert!(!running.listener().is_connected());
+    let listeners: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listeners, 0);
+    shutdown.cancel();
+    running.stopped().await;
+}

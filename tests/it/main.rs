@@ -1,0 +1,9 @@
+//! Integration tests against a real PostgreSQL (see README: running the
+//! tests). Each test has a database of its own, so they run in parallel.
+
+mod config;
+mod engine;
+mod listener;
+mod schema;
+mod shutdown;
+mod support;

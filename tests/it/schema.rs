@@ -1,0 +1,279 @@
+//! schema.sql: idempotent application, clear errors, notifications.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::support::TestDb;
+
+fn psql_file(url: &str) -> std::process::Output {
+    Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-f",
+            "schema.sql",
+        ])
+        .output()
+        .expect("run psql")
+}
+
+#[tokio::test]
+async fn schema_sql_applies_twice_with_psql_and_second_run_changes_nothing() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Start from an empty database, not the migrated template.
+    client
+        .batch_execute("DROP SCHEMA pgtasks CASCADE")
+        .await
+        .unwrap();
+
+    let first = psql_file(&db.url);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let snapshot = "SELECT string_agg(p.proname || ':' || p.xmin::text, ',' ORDER BY p.proname),
+                           (SELECT string_agg(version || '@' || applied_at, ',') FROM pgtasks.schema_version),
+                           (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgtasks')
+                      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                     WHERE n.nspname = 'pgtasks'";
+    let before = client.query_one(snapshot, &[]).await.unwrap();
+
+    let second = psql_file(&db.url);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(
+        second.stderr.is_empty(),
+        "second run printed: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let after = client.query_one(snapshot, &[]).await.unwrap();
+    for i in 0..3 {
+        let (b, a) = match i {
+            2 => (
+                before.get::<_, i64>(2).to_string(),
+                after.get::<_, i64>(2).to_string(),
+            ),
+            _ => (before.get::<_, String>(i), after.get::<_, String>(i)),
+        };
+        assert_eq!(b, a, "column {i} changed on the second run");
+    }
+    let version: i32 = client
+        .query_one("SELECT max(version) FROM pgtasks.schema_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, pgtasks::schema::SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn bad_rows_get_clear_sql_errors() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .execute("INSERT INTO pgtasks.queue (name) VALUES ('q')", &[])
+        .await
+        .unwrap();
+
+    let unknown = client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, data) VALUES ('nope', '{}')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let e = unknown.as_db_error().unwrap();
+    assert_eq!(e.code(), &SqlState::FOREIGN_KEY_VIOLATION);
+    assert_eq!(e.message(), "pgtasks: unknown queue \"nope\"");
+
+    let null_queue = client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, data) VALUES (NULL, '{}')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let e = null_queue.as_db_error().unwrap();
+    assert_eq!(e.code(), &SqlState::NOT_NULL_VIOLATION);
+    assert_eq!(e.column(), Some("queue"));
+
+    let array = client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, data) VALUES ('q', '[1,2]')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let e = array.as_db_error().unwrap();
+    assert_eq!(e.code(), &SqlState::CHECK_VIOLATION);
+    assert_eq!(e.constraint(), Some("job_data_must_be_object"));
+
+    for bad in ["has space", "", &"x".repeat(49)] {
+        let err = client
+            .execute("INSERT INTO pgtasks.queue (name) VALUES ($1)", &[&bad])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_db_error().unwrap().constraint(),
+            Some("queue_name_valid"),
+            "{bad:?}"
+        );
+    }
+    // The longest valid name makes a channel that fits in 63 bytes.
+    let longest = "q".repeat(48);
+    client
+        .execute("INSERT INTO pgtasks.queue (name) VALUES ($1)", &[&longest])
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO pgtasks.job (queue) VALUES ($1)", &[&longest])
+        .await
+        .unwrap();
+
+    // Nothing was lost or half-written by the failures.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM pgtasks.job", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+/// A LISTEN connection that forwards (channel, payload) pairs.
+async fn listen(
+    url: &str,
+    channels: &[&str],
+) -> (
+    tokio_postgres::Client,
+    mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    for channel in channels {
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .unwrap();
+    }
+    (client, rx)
+}
+
+/// Everything sent before the sentinel (committed later by the same test)
+/// has arrived once the sentinel does: notifications are delivered in commit
+/// order.
+async fn drain_until_sentinel(
+    sender: &tokio_postgres::Client,
+    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
+) -> Vec<(String, String)> {
+    sender
+        .execute("SELECT pg_notify('sentinel', 'end')", &[])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("sentinel notification")
+            .expect("listener alive");
+        if item.0 == "sentinel" {
+            return got;
+        }
+        got.push(item);
+    }
+}
+
+#[tokio::test]
+async fn trigger_notifies_once_per_queue_per_statement() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c')")
+        .await
+        .unwrap();
+    let (_listener, mut rx) = listen(
+        &db.url,
+        &["pgtasks.a", "pgtasks.b", "pgtasks.c", "sentinel"],
+    )
+    .await;
+
+    // One statement, 300 rows over two queues, plus future rows in a third.
+    client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, run_at)
+             SELECT CASE WHEN i % 3 = 0 THEN 'a' WHEN i % 3 = 1 THEN 'b' ELSE 'c' END,
+                    CASE WHEN i % 3 = 2 THEN now() + interval '1 hour' ELSE now() END
+               FROM generate_series(1, 300) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut got = drain_until_sentinel(&client, &mut rx).await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("pgtasks.a".into(), "".into()),
+            ("pgtasks.b".into(), "".into()),
+            ("pgtasks.c".into(), "scheduled".into()),
+        ]
+    );
+
+    // Many single-row statements in one transaction fold into one.
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO pgtasks.job (queue) VALUES ('a');
+             INSERT INTO pgtasks.job (queue) VALUES ('a');
+             INSERT INTO pgtasks.job (queue) VALUES ('a');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let got = drain_until_sentinel(&client, &mut rx).await;
+    assert_eq!(got, vec![("pgtasks.a".to_string(), String::new())]);
+
+    // The bulk-load switch silences it.
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL pgtasks.skip_notify = on;
+             INSERT INTO pgtasks.job (queue) SELECT 'b' FROM generate_series(1, 10);
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // A job made available again by UPDATE wakes its queue.
+    client
+        .batch_execute(
+            "UPDATE pgtasks.job SET state = 'failed', completed_at = now() WHERE queue = 'b';
+             UPDATE pgtasks.job SET state = 'retry' WHERE queue = 'b';",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks.b".to_string(), String::new())]
+    );
+}

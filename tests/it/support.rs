@@ -1,0 +1,250 @@
+//! Test support: one fresh database per test, cloned from a migrated
+//! template, dropped afterwards; waiting on conditions with deadlines.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgtasks::config::Config;
+use pgtasks::{HandlerResult, Job, JobContext};
+use tokio_postgres::{Client, NoTls};
+
+/// The server tests connect to; every database they make is on it.
+pub fn admin_url() -> String {
+    std::env::var("PGTASKS_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+fn url_for(database: &str) -> String {
+    let admin = admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{database}")
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// The template's name carries a hash of schema.sql, so a schema change
+/// builds a new one.
+fn template_name() -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pgtasks::schema::SCHEMA_SQL.hash(&mut h);
+    format!("pgtasks_tpl_{:016x}", h.finish())
+}
+
+async fn ensure_template(admin: &Client) -> String {
+    let name = template_name();
+    // Serialises template creation across test processes.
+    admin
+        .execute("SELECT pg_advisory_lock(738211)", &[])
+        .await
+        .unwrap();
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        let building = format!("{name}_building");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {building}"))
+            .await
+            .unwrap();
+        {
+            let client = connect(&url_for(&building)).await;
+            pgtasks::schema::migrate(&client)
+                .await
+                .expect("migrate template");
+        }
+        // The connection above must be gone before the rename.
+        let mut tries = 0;
+        while let Err(e) = admin
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .await
+        {
+            tries += 1;
+            assert!(tries < 100, "rename template: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock(738211)", &[])
+        .await
+        .unwrap();
+    name
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A database of the test's own, migrated, dropped when this is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin = connect(&admin_url()).await;
+        let template = ensure_template(&admin).await;
+        let name = format!(
+            "pgtasks_t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut tries = 0;
+        // CREATE DATABASE fails while another session is copying the same
+        // template ("source database is being accessed"); retry briefly.
+        while let Err(e) = admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .await
+        {
+            tries += 1;
+            assert!(tries < 200, "create test database: {e}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        TestDb {
+            url: url_for(&name),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// A config for this database: no migration (the template has it), a
+    /// slow poll so tests prove the notification path, short grace.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.database.url = self.url.clone();
+        config.database.migrate = false;
+        config.worker.poll_interval = Duration::from_secs(60);
+        config.worker.shutdown_grace = Duration::from_secs(5);
+        config.worker.reconnect_max_delay = Duration::from_millis(200);
+        config
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await; use a private runtime on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let admin = connect(&admin_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Counts jobs by state in one query.
+pub async fn count_state(client: &Client, state: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pgtasks.job WHERE state::text = $1",
+            &[&state],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until `n` jobs are in `state`.
+pub async fn wait_for_state(client: &Client, state: &str, n: i64, timeout: Duration) {
+    wait_for(&format!("{n} jobs in state {state}"), timeout, || async {
+        (count_state(client, state).await == n).then_some(())
+    })
+    .await
+}
+
+/// A handler that records how many times each job ran.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    runs: Arc<Mutex<HashMap<i64, u32>>>,
+}
+
+impl Recorder {
+    pub fn handler(
+        &self,
+    ) -> impl Fn(Job, JobContext) -> futures::future::BoxFuture<'static, HandlerResult>
+           + Send
+           + Sync
+           + 'static {
+        let runs = self.runs.clone();
+        move |job: Job, _ctx| {
+            let runs = runs.clone();
+            Box::pin(async move {
+                *runs.lock().unwrap().entry(job.id).or_default() += 1;
+                Ok(None)
+            })
+        }
+    }
+
+    pub fn runs(&self) -> HashMap<i64, u32> {
+        self.runs.lock().unwrap().clone()
+    }
+
+    pub fn total(&self) -> usize {
+        self.runs
+            .lock()
+            .unwrap()
+            .values()
+            .map(|&n| n as usize)
+            .sum()
+    }
+}
+
+/// Inserts `n` jobs into `queue` in one plain SQL statement, as psql would.
+pub async fn insert_jobs(client: &Client, queue: &str, n: i32) {
+    client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, data)
+             SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2) i",
+            &[&queue, &n],
+        )
+        .await
+        .unwrap();
+}
+
+pub const SECS_10: Duration = Duration::from_secs(10);
