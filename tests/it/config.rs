@@ -1,5 +1,8 @@
 //! Configuration layering and errors that name the key.
 
+// figment::Jail closures return figment::Error, which is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::time::Duration;
 
 use figment::Jail;
