@@ -160,6 +160,19 @@ pub struct ApiConfig {
     pub host: String,
     /// Port (`PORT` overrides). Default 3001.
     pub port: u16,
+    /// When set, every `/api/*` route requires `Authorization: Bearer <token>`.
+    #[serde(deserialize_with = "lenient::optional_string")]
+    pub token: Option<String>,
+    /// Whether `/metrics` requires the token too (when one is set). Default false.
+    pub metrics_require_token: bool,
+    /// Largest accepted request body, in bytes. Default 1048576 (1 MiB).
+    pub max_body_bytes: u64,
+    /// Submit INSERTs in flight at once; more requests wait and are coalesced
+    /// into the next multi-row INSERT. Default 2.
+    pub submit_max_in_flight: usize,
+    /// On shutdown, in-flight requests get this long to finish. Default 10s.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -167,6 +180,11 @@ impl Default for ApiConfig {
         ApiConfig {
             host: "0.0.0.0".to_string(),
             port: 3001,
+            token: None,
+            metrics_require_token: false,
+            max_body_bytes: 1024 * 1024,
+            submit_max_in_flight: 2,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -278,6 +296,24 @@ impl Config {
             return Err(ConfigError::invalid(
                 "worker.poll_interval",
                 "must be greater than zero",
+            ));
+        }
+        if self.api.token.as_deref() == Some("") {
+            return Err(ConfigError::invalid(
+                "api.token",
+                "must not be empty (leave it unset to disable authentication)",
+            ));
+        }
+        if self.api.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "api.max_body_bytes",
+                "must be greater than zero",
+            ));
+        }
+        if self.api.submit_max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "api.submit_max_in_flight",
+                "must be at least 1",
             ));
         }
         let mut routes = BTreeMap::new();

@@ -62,3 +62,36 @@ pub struct Job {
     /// When this attempt's lease ends; the handler is cancelled then.
     pub lease_until: DateTime<Utc>,
 }
+
+/// A job row as the API shows it. Ids are strings in JSON: opaque, and safe
+/// for JavaScript clients whatever their size.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobRecord {
+    #[serde(serialize_with = "id_as_string")]
+    #[schema(value_type = String, example = "42")]
+    pub id: i64,
+    pub queue: String,
+    #[schema(value_type = String, example = "completed")]
+    pub state: JobState,
+    pub priority: i32,
+    #[schema(value_type = Object)]
+    pub data: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub singleton_key: Option<String>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub lease_until: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    pub last_error: Option<String>,
+    /// `[{"attempt", "at", "error"}]`, oldest first.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub errors: Option<Value>,
+}
+
+fn id_as_string<S: serde::Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(id)
+}

@@ -18,6 +18,7 @@
 //! the next future `run_at`, and a reconnecting listener that wakes every
 //! queue make a lost notification cost latency, never a job.
 
+pub mod api;
 pub mod config;
 pub mod db;
 pub mod handler;
@@ -25,10 +26,12 @@ pub mod handlers;
 pub mod job;
 pub mod listener;
 pub mod maintenance;
+pub mod metrics;
 pub mod runtime;
 pub mod schema;
 pub mod shutdown;
 pub mod store;
+pub mod submit;
 pub mod wakeup;
 pub mod worker;
 

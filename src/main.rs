@@ -30,12 +30,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run workers and maintenance for every queue with a handler.
+    /// Run the HTTP API, the workers and maintenance in one process (recommended).
     Serve,
-    /// Run workers and maintenance (for split deployments).
+    /// Run the HTTP API only: it submits and inspects jobs, runs none.
+    Api,
+    /// Run workers and maintenance only (split deployments).
     Worker,
     /// Apply schema.sql to the database (idempotent, under an advisory lock) and exit.
     Migrate,
+    /// Exit 0 when the local instance answers GET /health (for Docker's HEALTHCHECK).
+    Healthcheck {
+        /// Base URL of the instance. Default: http://127.0.0.1:<api.port>.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Submit one job and print its id.
+    Send(SendArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Queue name.
+    queue: String,
+    /// The job's data: a JSON object.
+    #[arg(default_value = "{}")]
+    data: String,
+    /// Higher runs first.
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Seconds until the job becomes due.
+    #[arg(long, conflicts_with = "run_at")]
+    delay: Option<f64>,
+    /// When the job becomes due (RFC 3339).
+    #[arg(long)]
+    run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Overrides the queue's retry_limit + 1.
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// At most one waiting job per key.
+    #[arg(long)]
+    singleton_key: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -72,8 +106,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&sources)?;
     match cli.command {
         Command::Migrate => migrate(&config).await,
-        Command::Serve | Command::Worker => serve(config).await,
+        Command::Serve => serve(config, Mode::Combined).await,
+        Command::Api => serve(config, Mode::Api).await,
+        Command::Worker => serve(config, Mode::Worker).await,
+        Command::Healthcheck { url } => healthcheck(&config, url).await,
+        Command::Send(args) => send(&config, args).await,
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Combined,
+    Api,
+    Worker,
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -92,14 +137,65 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, mode: Mode) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
     let running = Runtime::new(config)
         .handler(README_QUEUE, handlers::readme::handle)
+        .api(mode != Mode::Worker)
+        .workers(mode != Mode::Api)
+        .maintenance(mode != Mode::Api)
         .start(shutdown)
         .await?;
     running.stopped().await;
     info!("stopped");
+    Ok(())
+}
+
+async fn healthcheck(config: &Config, url: Option<String>) -> anyhow::Result<()> {
+    let base = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", config.api.port));
+    let url = format!("{}/health", base.trim_end_matches('/'));
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
+    println!("ok");
+    Ok(())
+}
+
+async fn send(config: &Config, args: SendArgs) -> anyhow::Result<()> {
+    let data: serde_json::Value =
+        serde_json::from_str(&args.data).context("data: not valid JSON")?;
+    anyhow::ensure!(data.is_object(), "data: must be a JSON object");
+    let pool = db::create_pool(&config.database)?;
+    let client = pool.get().await.context("connecting to PostgreSQL")?;
+    let job = pgtasks::store::NewJob {
+        queue: args.queue,
+        data,
+        priority: args.priority,
+        run_at: args.run_at,
+        delay: args
+            .delay
+            .map(std::time::Duration::try_from_secs_f64)
+            .transpose()
+            .context("--delay: must be a number of seconds, 0 or more")?,
+        max_attempts: args.max_attempts,
+        singleton_key: args.singleton_key,
+    };
+    let ids = pgtasks::store::insert_jobs(&client, std::slice::from_ref(&job))
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => anyhow::anyhow!("{}", db.message()),
+            None => anyhow::anyhow!(e),
+        })?;
+    println!("{}", ids[0]);
     Ok(())
 }

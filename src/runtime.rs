@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::api::{self, ApiState, Server};
 use crate::config::{validate_queue_name, Config, QueueConfig};
 use crate::db::{self, DbError};
 use crate::handler::{Handler, SharedHandler};
@@ -43,6 +44,7 @@ use crate::listener::{Listener, ListenerConfig, ListenerStatus};
 use crate::maintenance::Maintenance;
 use crate::schema;
 use crate::store;
+use crate::submit::Submitter;
 use crate::wakeup::Wakeups;
 use crate::worker::completer::Completer;
 use crate::worker::{QueueStats, QueueWorker};
@@ -63,6 +65,11 @@ pub enum StartError {
     SyncQueues(tokio_postgres::Error),
     #[error("{0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("cannot listen on {addr} (config key `api.port` / PORT, `api.host`): {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("handler for queue `{queue}`: {reason}")]
     BadQueue { queue: String, reason: String },
 }
@@ -73,6 +80,7 @@ pub struct Runtime {
     handlers: BTreeMap<String, SharedHandler>,
     run_workers: bool,
     run_maintenance: bool,
+    run_api: bool,
 }
 
 impl Runtime {
@@ -82,6 +90,7 @@ impl Runtime {
             handlers: BTreeMap::new(),
             run_workers: true,
             run_maintenance: true,
+            run_api: false,
         }
     }
 
@@ -102,6 +111,12 @@ impl Runtime {
     /// Whether to run queue workers (default true). Off for an API-only process.
     pub fn workers(mut self, on: bool) -> Self {
         self.run_workers = on;
+        self
+    }
+
+    /// Whether to serve the HTTP API on `api.host:api.port` (default false).
+    pub fn api(mut self, on: bool) -> Self {
+        self.run_api = on;
         self
     }
 
@@ -226,8 +241,9 @@ impl Runtime {
             info!(queues = handlers.len(), "workers started");
 
             let grace = config.worker.shutdown_grace;
+            let stopping = shutdown.clone();
             tasks.spawn(async move {
-                shutdown.cancelled().await;
+                stopping.cancelled().await;
                 workers.wait().await;
                 attempts.close();
                 let running = attempts.len();
@@ -255,9 +271,32 @@ impl Runtime {
                 }
             });
         }
+        let mut api_addr = None;
+        if self.run_api {
+            let listener_status =
+                (!handlers.is_empty() && config.worker.listen).then(|| status.clone());
+            let submitter = Submitter::start(pool.clone(), config.api.submit_max_in_flight, &tasks);
+            let state = ApiState::new(
+                &config,
+                pool.clone(),
+                submitter,
+                listener_status,
+                shutdown.clone(),
+            );
+            let addr = (config.api.host.clone(), config.api.port);
+            let server = Server::bind(addr.clone(), api::routes(state))
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: format!("{}:{}", addr.0, addr.1),
+                    source,
+                })?;
+            api_addr = server.local_addr().ok();
+            tasks.spawn(server.run(shutdown.clone(), config.api.shutdown_timeout));
+        }
         tasks.close();
 
         Ok(Running {
+            api_addr,
             pool,
             wakeups,
             stats,
@@ -281,6 +320,7 @@ async fn sync_queues(pool: &Pool, config: &Config) -> Result<(), StartError> {
 
 /// A started runtime.
 pub struct Running {
+    api_addr: Option<std::net::SocketAddr>,
     pool: Pool,
     wakeups: Wakeups,
     stats: BTreeMap<String, Arc<QueueStats>>,
@@ -289,6 +329,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Where the HTTP API listens, when it runs (useful with port 0).
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_addr
+    }
+
     /// The shared connection pool.
     pub fn pool(&self) -> &Pool {
         &self.pool

@@ -10,8 +10,10 @@ use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::Error;
 
+use serde::Serialize;
+
 use crate::config::QueueConfig;
-use crate::job::{Job, JobState};
+use crate::job::{Job, JobRecord, JobState};
 
 /// A job to insert; `None` fields take the column defaults.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,8 @@ pub struct NewJob {
     pub data: Value,
     pub priority: Option<i32>,
     pub run_at: Option<DateTime<Utc>>,
+    /// Due this long after the database's `now()` (when `run_at` is None).
+    pub delay: Option<Duration>,
     pub max_attempts: Option<i32>,
     pub singleton_key: Option<String>,
 }
@@ -70,9 +74,10 @@ pub async fn upsert_queue(
 
 const INSERT_JOBS: &str = "
 INSERT INTO pgtasks.job (queue, data, priority, run_at, max_attempts, singleton_key)
-SELECT queue, data, coalesce(priority, 0), coalesce(run_at, now()), max_attempts, singleton_key
-  FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::int[], $6::text[])
-       WITH ORDINALITY AS j(queue, data, priority, run_at, max_attempts, singleton_key, n)
+SELECT queue, data, coalesce(priority, 0),
+       coalesce(run_at, now() + delay_secs * interval '1 second', now()), max_attempts, singleton_key
+  FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::float8[], $6::int[], $7::text[])
+       WITH ORDINALITY AS j(queue, data, priority, run_at, delay_secs, max_attempts, singleton_key, n)
  ORDER BY n
 RETURNING id";
 
@@ -84,12 +89,24 @@ pub async fn insert_jobs(client: &impl GenericClient, jobs: &[NewJob]) -> Result
     let data: Vec<&Value> = jobs.iter().map(|j| &j.data).collect();
     let priorities: Vec<Option<i32>> = jobs.iter().map(|j| j.priority).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
+    let delays: Vec<Option<f64>> = jobs
+        .iter()
+        .map(|j| j.delay.map(|d| d.as_secs_f64()))
+        .collect();
     let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.singleton_key.as_deref()).collect();
     let rows = client
         .query(
             &statement,
-            &[&queues, &data, &priorities, &run_ats, &max_attempts, &keys],
+            &[
+                &queues,
+                &data,
+                &priorities,
+                &run_ats,
+                &delays,
+                &max_attempts,
+                &keys,
+            ],
         )
         .await?;
     // INSERT ... SELECT ... ORDER BY assigns identity values in that order.
@@ -281,4 +298,179 @@ pub async fn rescue_expired(
 
 fn secs_to_duration(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// The columns `job_record` reads, in order (a macro so statements stay literals).
+macro_rules! job_columns {
+    () => {
+        "j.id, j.queue, j.state, j.priority, j.data, j.attempt,
+         coalesce(j.max_attempts, q.retry_limit + 1), j.singleton_key, j.run_at, j.created_at,
+         j.started_at, j.completed_at, j.lease_until, j.output, j.last_error, j.errors"
+    };
+}
+
+fn job_record(row: &tokio_postgres::Row) -> JobRecord {
+    JobRecord {
+        id: row.get(0),
+        queue: row.get(1),
+        state: row.get(2),
+        priority: row.get(3),
+        data: row.get(4),
+        attempt: row.get(5),
+        max_attempts: row.get::<_, Option<i32>>(6).unwrap_or(1),
+        singleton_key: row.get(7),
+        run_at: row.get(8),
+        created_at: row.get(9),
+        started_at: row.get(10),
+        completed_at: row.get(11),
+        lease_until: row.get(12),
+        output: row.get(13),
+        last_error: row.get(14),
+        errors: row.get(15),
+    }
+}
+
+const GET_JOB: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM pgtasks.job j LEFT JOIN pgtasks.queue q ON q.name = j.queue WHERE j.id = $1"
+);
+
+/// One job by id.
+pub async fn get_job(client: &impl GenericClient, id: i64) -> Result<Option<JobRecord>, Error> {
+    let statement = client.prepare_cached(GET_JOB).await?;
+    Ok(client
+        .query_opt(&statement, &[&id])
+        .await?
+        .as_ref()
+        .map(job_record))
+}
+
+const CANCEL_JOB: &str = "
+WITH target AS (
+    SELECT id, state FROM pgtasks.job WHERE id = $1 FOR UPDATE
+), changed AS (
+    UPDATE pgtasks.job j
+       SET state = 'cancelled', completed_at = now(), lease_until = NULL
+      FROM target t
+     WHERE j.id = t.id AND t.state IN ('created', 'retry', 'active')
+    RETURNING j.id
+)
+SELECT t.state, EXISTS (SELECT 1 FROM changed) FROM target t";
+
+/// What a state-changing call found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Done,
+    NotFound,
+    /// The job was in this state, from which the call does not apply.
+    Refused(JobState),
+}
+
+/// Cancels a waiting or running job. A running attempt's outcome is then
+/// ignored (acks only apply to active jobs).
+pub async fn cancel_job(client: &impl GenericClient, id: i64) -> Result<Transition, Error> {
+    let statement = client.prepare_cached(CANCEL_JOB).await?;
+    transition(client.query_opt(&statement, &[&id]).await?)
+}
+
+const RETRY_JOB: &str = "
+WITH target AS (
+    SELECT id, state FROM pgtasks.job WHERE id = $1 FOR UPDATE
+), changed AS (
+    UPDATE pgtasks.job j
+       SET state = 'retry', run_at = now(), completed_at = NULL,
+           max_attempts = greatest(coalesce(j.max_attempts, q.retry_limit + 1), j.attempt + 1)
+      FROM target t, pgtasks.queue q
+     WHERE j.id = t.id AND t.state = 'failed' AND q.name = j.queue
+    RETURNING j.id
+)
+SELECT t.state, EXISTS (SELECT 1 FROM changed) FROM target t";
+
+/// Gives a failed job one more attempt, due now (the update trigger wakes
+/// its queue).
+pub async fn retry_job(client: &impl GenericClient, id: i64) -> Result<Transition, Error> {
+    let statement = client.prepare_cached(RETRY_JOB).await?;
+    transition(client.query_opt(&statement, &[&id]).await?)
+}
+
+fn transition(row: Option<tokio_postgres::Row>) -> Result<Transition, Error> {
+    Ok(match row {
+        None => Transition::NotFound,
+        Some(row) if row.get::<_, bool>(1) => Transition::Done,
+        Some(row) => Transition::Refused(row.get(0)),
+    })
+}
+
+const QUEUE_SUMMARIES: &str = "
+SELECT q.name, q.paused,
+       count(j.id) FILTER (WHERE j.state = 'created'),
+       count(j.id) FILTER (WHERE j.state = 'retry'),
+       count(j.id) FILTER (WHERE j.state = 'active'),
+       count(j.id) FILTER (WHERE j.state = 'completed'),
+       count(j.id) FILTER (WHERE j.state = 'failed'),
+       count(j.id) FILTER (WHERE j.state = 'cancelled'),
+       extract(epoch FROM now() - min(j.run_at) FILTER (
+           WHERE j.state IN ('created', 'retry') AND j.run_at <= now()))::float8
+  FROM pgtasks.queue q
+  LEFT JOIN pgtasks.job j ON j.queue = q.name
+ GROUP BY q.name, q.paused
+ ORDER BY q.name";
+
+/// A queue with its job counts per state.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct QueueSummary {
+    pub name: String,
+    pub paused: bool,
+    pub created: i64,
+    pub retry: i64,
+    pub active: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Seconds the oldest due, unclaimed job has been waiting; null when none.
+    pub oldest_waiting_seconds: Option<f64>,
+}
+
+/// Every queue with counts per state and the age of its oldest due job.
+pub async fn queue_summaries(client: &impl GenericClient) -> Result<Vec<QueueSummary>, Error> {
+    let statement = client.prepare_cached(QUEUE_SUMMARIES).await?;
+    let rows = client.query(&statement, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| QueueSummary {
+            name: r.get(0),
+            paused: r.get(1),
+            created: r.get(2),
+            retry: r.get(3),
+            active: r.get(4),
+            completed: r.get(5),
+            failed: r.get(6),
+            cancelled: r.get(7),
+            oldest_waiting_seconds: r.get(8),
+        })
+        .collect())
+}
+
+const QUEUE_DEPTHS: &str = "
+SELECT q.name, count(j.id) FILTER (WHERE j.state <> 'active'), count(j.id) FILTER (WHERE j.state = 'active')
+  FROM pgtasks.queue q
+  LEFT JOIN pgtasks.job j ON j.queue = q.name AND j.state IN ('created', 'retry', 'active')
+ GROUP BY q.name";
+
+/// Waiting and running jobs per queue, from the partial indexes only (cheap
+/// enough for every metrics scrape).
+pub async fn queue_depths(client: &impl GenericClient) -> Result<Vec<(String, i64, i64)>, Error> {
+    let statement = client.prepare_cached(QUEUE_DEPTHS).await?;
+    let rows = client.query(&statement, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// A round trip, to tell whether the database answers.
+pub async fn ping(client: &impl GenericClient) -> Result<(), Error> {
+    let statement = client.prepare_cached("SELECT 1").await?;
+    client.query_one(&statement, &[]).await.map(|_| ())
 }

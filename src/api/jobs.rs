@@ -1,0 +1,251 @@
+//! Job endpoints: submit (seed-style and with options, single and batch),
+//! get, cancel, retry.
+
+use chrono::{DateTime, Utc};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use warp::Reply;
+
+use super::error::ApiError;
+use super::ApiState;
+use crate::config::validate_queue_name;
+use crate::job::JobRecord;
+use crate::store::{self, NewJob, Transition};
+
+/// Jobs accepted by one batch request at most.
+pub const MAX_BATCH: usize = 1000;
+
+/// The seed's answer to a submit, field for field.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Submitted {
+    /// Always true.
+    pub success: bool,
+    /// The job id, as a string.
+    #[serde(rename = "jobId")]
+    #[schema(example = "42")]
+    pub job_id: String,
+    #[schema(example = "readme-queue")]
+    pub queue: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SubmittedBatch {
+    pub success: bool,
+    /// The ids in request order.
+    #[serde(rename = "jobIds")]
+    pub job_ids: Vec<String>,
+    pub queue: String,
+}
+
+/// A job with options, for `POST /api/queues/{queue}/jobs`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The job's payload: a JSON object. Default `{}`.
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    /// Higher runs first. Default 0.
+    pub priority: Option<i32>,
+    /// When the job becomes due (RFC 3339). Excludes `delay`.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Seconds from now until the job becomes due. Excludes `run_at`.
+    pub delay: Option<f64>,
+    /// Overrides the queue's retry_limit + 1.
+    pub max_attempts: Option<i32>,
+    pub singleton_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Up to 1000 jobs, inserted in one transaction.
+    pub jobs: Vec<SubmitRequest>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobResponse {
+    pub success: bool,
+    pub job: JobRecord,
+}
+
+/// `POST /api/jobs/{route}`: the seed's submit; the body is the job's data.
+pub async fn submit_by_route(
+    state: ApiState,
+    route: String,
+    body: Result<Value, ApiError>,
+) -> Result<impl Reply, ApiError> {
+    let Some(queue) = state.routes.get(&route).cloned() else {
+        return Err(ApiError::not_found(format!(
+            "no queue has the route `{route}`"
+        )));
+    };
+    let data = object(body?, "request body")?;
+    submit_one(
+        &state,
+        NewJob {
+            queue,
+            data,
+            ..NewJob::default()
+        },
+    )
+    .await
+}
+
+/// `POST /api/queues/{queue}/jobs`: submit with options.
+pub async fn submit_to_queue(
+    state: ApiState,
+    queue: String,
+    body: Result<Value, ApiError>,
+) -> Result<impl Reply, ApiError> {
+    check_queue(&queue)?;
+    let request: SubmitRequest = parse(body?)?;
+    let job = new_job(&queue, request, "")?;
+    submit_one(&state, job).await
+}
+
+/// `POST /api/queues/{queue}/jobs/batch`: many jobs, one transaction.
+pub async fn submit_batch(
+    state: ApiState,
+    queue: String,
+    body: Result<Value, ApiError>,
+) -> Result<impl Reply, ApiError> {
+    check_queue(&queue)?;
+    let request: BatchRequest = parse(body?)?;
+    if request.jobs.is_empty() || request.jobs.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "jobs: must hold 1 to {MAX_BATCH} jobs"
+        )));
+    }
+    let jobs = request
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| new_job(&queue, r, &format!("jobs[{i}].")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = state.pool.get().await?;
+    let ids = store::insert_jobs(&client, &jobs).await?;
+    metrics::counter!("pgtasks_jobs_submitted_total", "queue" => queue.clone())
+        .increment(ids.len() as u64);
+    Ok(warp::reply::json(&SubmittedBatch {
+        success: true,
+        job_ids: ids.iter().map(i64::to_string).collect(),
+        queue,
+    }))
+}
+
+/// `GET /api/jobs/{id}`.
+pub async fn get(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+    let client = state.pool.get().await?;
+    let job = store::get_job(&client, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    Ok(warp::reply::json(&JobResponse { success: true, job }))
+}
+
+/// `POST /api/jobs/{id}/cancel`: a waiting or running job.
+pub async fn cancel(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+    let client = state.pool.get().await?;
+    match store::cancel_job(&client, id).await? {
+        Transition::Done => get(state.clone(), id).await,
+        Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
+        Transition::Refused(s) => Err(ApiError::conflict(format!(
+            "job {id} is {}; only waiting or running jobs can be cancelled",
+            s.as_str()
+        ))),
+    }
+}
+
+/// `POST /api/jobs/{id}/retry`: one more attempt for a failed job.
+pub async fn retry(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+    let client = state.pool.get().await?;
+    match store::retry_job(&client, id).await? {
+        Transition::Done => get(state.clone(), id).await,
+        Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
+        Transition::Refused(s) => Err(ApiError::conflict(format!(
+            "job {id} is {}; only failed jobs can be retried",
+            s.as_str()
+        ))),
+    }
+}
+
+async fn submit_one(state: &ApiState, job: NewJob) -> Result<warp::reply::Json, ApiError> {
+    let queue = job.queue.clone();
+    let id = state.submitter.submit(job).await?;
+    metrics::counter!("pgtasks_jobs_submitted_total", "queue" => queue.clone()).increment(1);
+    Ok(warp::reply::json(&Submitted {
+        success: true,
+        job_id: id.to_string(),
+        queue,
+    }))
+}
+
+fn check_queue(queue: &str) -> Result<(), ApiError> {
+    // An invalid name cannot exist, so it is as unknown as a missing one.
+    validate_queue_name(queue).map_err(ApiError::not_found)
+}
+
+fn object(value: Value, what: &str) -> Result<Value, ApiError> {
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} must be a JSON object"
+        )))
+    }
+}
+
+/// Deserialises with the failing field's path in the message.
+fn parse<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::bad_request(e.inner().to_string())
+        } else {
+            ApiError::bad_request(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
+fn new_job(queue: &str, r: SubmitRequest, prefix: &str) -> Result<NewJob, ApiError> {
+    let field = |name: &str| format!("{prefix}{name}");
+    let data = match r.data {
+        Some(v) => object(v, &field("data"))?,
+        None => Value::Object(Default::default()),
+    };
+    let run_at = match (r.run_at, r.delay) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "{}: give run_at or delay, not both",
+                field("delay")
+            )))
+        }
+        (Some(at), None) => Some(at),
+        (None, Some(delay)) if delay.is_finite() && (0.0..=3.2e9).contains(&delay) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "{}: must be a number of seconds, 0 or more",
+                field("delay")
+            )))
+        }
+        (None, None) => None,
+    };
+    if r.max_attempts.is_some_and(|n| n < 1) {
+        return Err(ApiError::bad_request(format!(
+            "{}: must be at least 1",
+            field("max_attempts")
+        )));
+    }
+    Ok(NewJob {
+        queue: queue.to_string(),
+        data,
+        priority: r.priority,
+        run_at,
+        delay: r
+            .delay
+            .filter(|_| run_at.is_none())
+            .map(std::time::Duration::from_secs_f64),
+        max_attempts: r.max_attempts,
+        singleton_key: r.singleton_key,
+    })
+}

@@ -1,0 +1,148 @@
+//! The coalescing submitter: many concurrent submits become few multi-row
+//! INSERTs.
+//!
+//! Each HTTP submit hands its job to a channel and waits for its id. The
+//! submitter takes everything waiting (up to a cap) and inserts it in one
+//! statement (one transaction, one NOTIFY per queue). At most `max_in_flight`
+//! inserts run at once; while they run, new requests queue up and form the
+//! next batch. An idle system therefore inserts each job at once, and a busy
+//! one inserts hundreds per round trip. A caller gets its id only after the
+//! row is committed. When a batch fails for a reason that may lie in one row,
+//! its rows are retried one by one so a bad request cannot fail the others.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::store::{self, NewJob};
+
+/// Jobs inserted by one statement at most.
+const MAX_BATCH: usize = 500;
+
+/// Why a submit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the service is shutting down")]
+    Closed,
+}
+
+impl From<deadpool_postgres::PoolError> for SubmitError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => {
+                SubmitError::Db(e)
+            }
+            other => SubmitError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl SubmitError {
+    /// Whether the database could not be reached (as opposed to refusing the row).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            SubmitError::Unavailable(_) | SubmitError::Closed => true,
+            SubmitError::Db(e) => e.as_db_error().is_none(),
+        }
+    }
+}
+
+struct Request {
+    job: NewJob,
+    reply: oneshot::Sender<Result<i64, SubmitError>>,
+}
+
+/// A handle to submit jobs through the coalescer. Cheap to clone.
+#[derive(Clone)]
+pub struct Submitter {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Submitter {
+    /// Starts the coalescing loop on `tasks`. It runs until every handle is
+    /// dropped and all queued requests are answered.
+    pub fn start(pool: Pool, max_in_flight: usize, tasks: &TaskTracker) -> Submitter {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+        let inserts = tasks.clone();
+        tasks.spawn(run(pool, rx, max_in_flight.max(1), inserts));
+        Submitter { requests: tx }
+    }
+
+    /// Inserts one job and returns its id once committed.
+    pub async fn submit(&self, job: NewJob) -> Result<i64, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request { job, reply })
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        answer.await.map_err(|_| SubmitError::Closed)?
+    }
+}
+
+async fn run(
+    pool: Pool,
+    mut requests: mpsc::Receiver<Request>,
+    max_in_flight: usize,
+    inserts: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    loop {
+        // Wait for a free insert slot first, so requests pile up meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(16);
+        if requests.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let pool = pool.clone();
+        inserts.spawn(async move {
+            insert_batch(&pool, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
+    let (jobs, replies): (Vec<NewJob>, Vec<_>) =
+        batch.into_iter().map(|r| (r.job, r.reply)).unzip();
+    metrics::histogram!("pgtasks_submit_batch_size").record(jobs.len() as f64);
+    match insert(pool, &jobs).await {
+        Ok(ids) => {
+            for (reply, id) in replies.into_iter().zip(ids) {
+                let _ = reply.send(Ok(id));
+            }
+        }
+        Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
+            // Something in one row was refused: find it by inserting each alone.
+            for (job, reply) in jobs.into_iter().zip(replies) {
+                let result = insert(pool, std::slice::from_ref(&job))
+                    .await
+                    .map(|ids| ids[0]);
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            // Only an unreachable database fails a whole multi-row batch here.
+            let message = e.to_string();
+            let mut first = Some(e);
+            for reply in replies {
+                let error = first
+                    .take()
+                    .unwrap_or_else(|| SubmitError::Unavailable(message.clone()));
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+async fn insert(pool: &Pool, jobs: &[NewJob]) -> Result<Vec<i64>, SubmitError> {
+    let client = pool.get().await?;
+    Ok(store::insert_jobs(&client, jobs).await?)
+}
