@@ -20,7 +20,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 -- One migrator at a time, whether psql or `pgtasks migrate`.
-SELECT pg_advisory_xact_lock(hashtext('pgtasks.schema'));
+DO $lock$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('pgtasks.schema')); END $lock$;
 
 CREATE SCHEMA IF NOT EXISTS pgtasks;
 CREATE TABLE IF NOT EXISTS pgtasks.schema_version (
@@ -219,6 +219,256 @@ LANGUAGE sql AS $fn$
 $fn$;
 
 INSERT INTO pgtasks.schema_version (version) VALUES (1);
+END
+$step$;
+
+-- Step 3: queue features. Singleton and throttle keys, progress, cancel
+-- signals, pause/resume wakeups, job and queue functions for SQL users, cron
+-- schedules.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 3) THEN
+    RETURN;
+END IF;
+
+ALTER TABLE pgtasks.job
+    -- The throttle slot (start of the singleton_seconds window) for keyed jobs.
+    ADD COLUMN singleton_on timestamptz,
+    -- {"percent": n, "message": text, "at": timestamp} from the running handler.
+    ADD COLUMN progress jsonb,
+    ADD CONSTRAINT job_singleton_on_needs_key CHECK (singleton_on IS NULL OR singleton_key IS NOT NULL);
+
+-- At most one queued job per (queue, singleton_key)...
+CREATE UNIQUE INDEX job_singleton_queued_idx ON pgtasks.job (queue, singleton_key)
+    WHERE singleton_key IS NOT NULL AND state = 'created';
+-- ...and with a throttle, at most one job per key per time slot, whatever its state.
+CREATE UNIQUE INDEX job_singleton_slot_idx ON pgtasks.job (queue, singleton_key, singleton_on)
+    WHERE singleton_on IS NOT NULL;
+
+-- Submits one job with options; the SQL way to do what the API does.
+-- With a singleton_key, a second submit while one is queued (or, with
+-- singleton_seconds, within the same slot) returns the existing job's id
+-- and duplicate = true instead of inserting.
+CREATE FUNCTION pgtasks.send(
+    queue text,
+    data jsonb DEFAULT '{}',
+    priority integer DEFAULT 0,
+    run_at timestamptz DEFAULT NULL,
+    delay interval DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    singleton_key text DEFAULT NULL,
+    singleton_seconds integer DEFAULT NULL,
+    OUT id bigint, OUT duplicate boolean)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    slot timestamptz;
+BEGIN
+    IF singleton_seconds IS NOT NULL THEN
+        IF singleton_key IS NULL THEN
+            RAISE EXCEPTION 'pgtasks.send: singleton_seconds needs a singleton_key'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF singleton_seconds < 1 THEN
+            RAISE EXCEPTION 'pgtasks.send: singleton_seconds must be at least 1'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        slot := to_timestamp(floor(extract(epoch FROM now()) / singleton_seconds) * singleton_seconds);
+    END IF;
+    LOOP
+        INSERT INTO pgtasks.job AS j (queue, data, priority, run_at, max_attempts, singleton_key, singleton_on)
+        VALUES (send.queue, coalesce(send.data, '{}'), coalesce(send.priority, 0),
+                coalesce(send.run_at, now() + send.delay, now()), send.max_attempts,
+                send.singleton_key, slot)
+        ON CONFLICT DO NOTHING
+        RETURNING j.id INTO id;
+        IF id IS NOT NULL THEN
+            duplicate := false;
+            RETURN;
+        END IF;
+        SELECT j.id INTO id FROM pgtasks.job j
+         WHERE j.queue = send.queue AND j.singleton_key = send.singleton_key
+           AND (j.state = 'created' OR j.singleton_on = slot)
+         ORDER BY j.id LIMIT 1;
+        IF id IS NOT NULL THEN
+            duplicate := true;
+            RETURN;
+        END IF;
+        -- The conflicting job moved on between the two statements: try again.
+    END LOOP;
+END
+$fn$;
+
+-- Submits many jobs to one queue in one statement (one notification).
+CREATE FUNCTION pgtasks.send_batch(queue text, data jsonb[])
+RETURNS SETOF bigint
+LANGUAGE sql AS $fn$
+    INSERT INTO pgtasks.job (queue, data)
+    SELECT send_batch.queue, d FROM unnest(send_batch.data) WITH ORDINALITY AS u(d, n) ORDER BY n
+    RETURNING id
+$fn$;
+
+-- Cancels a waiting or running job; returns the state it was in (NULL when
+-- there is no such job). A running attempt is told to stop.
+CREATE FUNCTION pgtasks.cancel_job(job_id bigint) RETURNS pgtasks.job_state
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    previous pgtasks.job_state;
+BEGIN
+    SELECT state INTO previous FROM pgtasks.job WHERE id = job_id FOR UPDATE;
+    IF previous IN ('created', 'retry', 'active') THEN
+        UPDATE pgtasks.job SET state = 'cancelled', completed_at = now(), lease_until = NULL
+         WHERE id = job_id;
+    END IF;
+    RETURN previous;
+END
+$fn$;
+
+-- Makes a cancelled job wait again (due now at the latest); returns the
+-- state it was in.
+CREATE FUNCTION pgtasks.resume_job(job_id bigint) RETURNS pgtasks.job_state
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    previous pgtasks.job_state;
+BEGIN
+    SELECT state INTO previous FROM pgtasks.job WHERE id = job_id FOR UPDATE;
+    IF previous = 'cancelled' THEN
+        UPDATE pgtasks.job
+           SET state = CASE WHEN attempt = 0 THEN 'created' ELSE 'retry' END::pgtasks.job_state,
+               completed_at = NULL, run_at = least(run_at, now())
+         WHERE id = job_id;
+    END IF;
+    RETURN previous;
+END
+$fn$;
+
+-- Gives a failed job one more attempt, due now; returns the state it was in.
+CREATE FUNCTION pgtasks.retry_job(job_id bigint) RETURNS pgtasks.job_state
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    previous pgtasks.job_state;
+BEGIN
+    SELECT state INTO previous FROM pgtasks.job WHERE id = job_id FOR UPDATE;
+    IF previous = 'failed' THEN
+        UPDATE pgtasks.job j
+           SET state = 'retry', run_at = now(), completed_at = NULL,
+               max_attempts = greatest(coalesce(j.max_attempts, q.retry_limit + 1), j.attempt + 1)
+          FROM pgtasks.queue q
+         WHERE j.id = job_id AND q.name = j.queue;
+    END IF;
+    RETURN previous;
+END
+$fn$;
+
+-- A running job that is cancelled: tell its worker (any instance) to stop it.
+-- The channel is outside the queue namespace (queue names have no ':').
+CREATE FUNCTION pgtasks.job_cancelled() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('pgtasks:cancel', NEW.id::text);
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER job_cancelled
+    AFTER UPDATE OF state ON pgtasks.job
+    FOR EACH ROW
+    WHEN (OLD.state = 'active' AND NEW.state = 'cancelled')
+    EXECUTE FUNCTION pgtasks.job_cancelled();
+
+-- Records a running handler's progress; false when the attempt is no longer current.
+CREATE FUNCTION pgtasks.report_progress(job_id bigint, job_attempt integer, percent numeric, message text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql AS $fn$
+    WITH changed AS (
+        UPDATE pgtasks.job
+           SET progress = jsonb_build_object('percent', least(greatest(percent, 0), 100),
+                                             'message', message, 'at', now())
+         WHERE id = job_id AND attempt = job_attempt AND state = 'active'
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM changed)
+$fn$;
+
+-- Pausing keeps a queue accepting jobs but stops every instance claiming them.
+CREATE FUNCTION pgtasks.pause_queue(queue_name text) RETURNS boolean
+LANGUAGE sql AS $fn$
+    WITH changed AS (UPDATE pgtasks.queue SET paused = true, updated_at = now()
+                      WHERE name = queue_name RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM changed)
+$fn$;
+
+CREATE FUNCTION pgtasks.resume_queue(queue_name text) RETURNS boolean
+LANGUAGE sql AS $fn$
+    WITH changed AS (UPDATE pgtasks.queue SET paused = false, updated_at = now()
+                      WHERE name = queue_name RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM changed)
+$fn$;
+
+-- Resuming wakes the queue's workers everywhere.
+CREATE FUNCTION pgtasks.queue_resumed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('pgtasks.' || NEW.name, '');
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER queue_resumed
+    AFTER UPDATE OF paused ON pgtasks.queue
+    FOR EACH ROW
+    WHEN (OLD.paused AND NOT NEW.paused)
+    EXECUTE FUNCTION pgtasks.queue_resumed();
+
+-- Cron schedules. The maintenance leader enqueues each due run once: the job
+-- carries singleton_key 'schedule:<name>' and singleton_on = the scheduled
+-- time, so even two leaders racing cannot enqueue a run twice.
+CREATE TABLE pgtasks.schedule (
+    name        text        PRIMARY KEY,
+    -- Five fields (minute hour day month weekday) or six with seconds first.
+    cron        text        NOT NULL,
+    -- IANA zone the expression is read in.
+    timezone    text        NOT NULL DEFAULT 'UTC',
+    queue       text        NOT NULL REFERENCES pgtasks.queue (name) ON DELETE CASCADE,
+    data        jsonb       NOT NULL DEFAULT '{}',
+    priority    integer     NOT NULL DEFAULT 0,
+    max_attempts integer,
+    enabled     boolean     NOT NULL DEFAULT true,
+    -- Computed by the leader; NULL = compute from now.
+    next_run_at timestamptz,
+    last_run_at timestamptz,
+    last_job_id bigint,
+    -- Why the leader could not use this schedule (bad expression or zone).
+    last_error  text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT schedule_name_valid CHECK (name ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    CONSTRAINT schedule_data_must_be_object CHECK (jsonb_typeof(data) = 'object'),
+    CONSTRAINT schedule_max_attempts_positive CHECK (max_attempts IS NULL OR max_attempts >= 1)
+);
+CREATE INDEX schedule_due_idx ON pgtasks.schedule (next_run_at) WHERE enabled;
+
+-- A changed expression or zone is re-read by the leader.
+CREATE FUNCTION pgtasks.schedule_changed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NEW.cron IS DISTINCT FROM OLD.cron OR NEW.timezone IS DISTINCT FROM OLD.timezone
+       OR (NEW.enabled AND NOT OLD.enabled) THEN
+        NEW.next_run_at := NULL;
+        NEW.last_error := NULL;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER schedule_changed
+    BEFORE UPDATE ON pgtasks.schedule
+    FOR EACH ROW
+    WHEN (NEW.cron IS DISTINCT FROM OLD.cron OR NEW.timezone IS DISTINCT FROM OLD.timezone
+          OR NEW.enabled IS DISTINCT FROM OLD.enabled)
+    EXECUTE FUNCTION pgtasks.schedule_changed();
+
+INSERT INTO pgtasks.schema_version (version) VALUES (3);
 END
 $step$;
 

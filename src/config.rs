@@ -48,6 +48,36 @@ pub struct Config {
     pub api: ApiConfig,
     /// Queues by name, with their policies. Created or updated at startup.
     pub queues: BTreeMap<String, QueueConfig>,
+    /// Cron schedules by name. Created or updated at startup.
+    pub schedules: BTreeMap<String, ScheduleConfig>,
+}
+
+/// A cron schedule: enqueue a job into `queue` at each time `cron` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Five fields (`minute hour day month weekday`) or six with seconds first.
+    #[serde(deserialize_with = "lenient::string")]
+    pub cron: String,
+    /// IANA zone the expression is read in. Default UTC.
+    #[serde(default = "utc", deserialize_with = "lenient::string")]
+    pub timezone: String,
+    #[serde(deserialize_with = "lenient::string")]
+    pub queue: String,
+    /// The job's data. Default `{}`.
+    #[serde(default = "empty_object")]
+    pub data: serde_json::Value,
+    #[serde(default)]
+    pub priority: i32,
+    pub max_attempts: Option<i32>,
+}
+
+fn utc() -> String {
+    "UTC".to_string()
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
 }
 
 impl Default for Config {
@@ -64,6 +94,7 @@ impl Default for Config {
                     ..QueueConfig::default()
                 },
             )]),
+            schedules: BTreeMap::new(),
         }
     }
 }
@@ -142,12 +173,31 @@ pub struct MaintenanceConfig {
     /// Default 5s.
     #[serde(with = "duration")]
     pub rescue_interval: Duration,
+    /// How often finished jobs past their queue's retention are deleted.
+    /// Default 30s.
+    #[serde(with = "duration")]
+    pub clean_interval: Duration,
+    /// How often due cron schedules are enqueued. Default 1s.
+    #[serde(with = "duration")]
+    pub schedule_interval: Duration,
 }
 
 impl Default for MaintenanceConfig {
     fn default() -> Self {
         MaintenanceConfig {
             rescue_interval: Duration::from_secs(5),
+            clean_interval: Duration::from_secs(30),
+            schedule_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    pub fn intervals(&self) -> crate::maintenance::Intervals {
+        crate::maintenance::Intervals {
+            rescue: self.rescue_interval,
+            clean: self.clean_interval,
+            schedule: self.schedule_interval,
         }
     }
 }
@@ -315,6 +365,31 @@ impl Config {
                 "api.submit_max_in_flight",
                 "must be at least 1",
             ));
+        }
+        for (name, schedule) in &self.schedules {
+            let key = |field: &str| format!("schedules.{name}.{field}");
+            if let Err(reason) =
+                crate::schedule::CronSchedule::parse(&schedule.cron, &schedule.timezone)
+            {
+                let field = if reason.contains("time zone") {
+                    "timezone"
+                } else {
+                    "cron"
+                };
+                return Err(ConfigError::invalid(key(field), reason));
+            }
+            if !self.queues.contains_key(&schedule.queue) {
+                return Err(ConfigError::invalid(
+                    key("queue"),
+                    format!("names queue `{}`, which is not configured", schedule.queue),
+                ));
+            }
+            if !schedule.data.is_object() {
+                return Err(ConfigError::invalid(
+                    key("data"),
+                    "must be a table (a JSON object)",
+                ));
+            }
         }
         let mut routes = BTreeMap::new();
         for (name, queue) in &self.queues {

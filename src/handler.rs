@@ -27,21 +27,70 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type HandlerResult = Result<Option<Value>, BoxError>;
 
 /// What a running attempt may observe besides its job.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JobContext {
     cancelled: CancellationToken,
+    progress: Option<ProgressTarget>,
+}
+
+#[derive(Clone)]
+struct ProgressTarget {
+    pool: deadpool_postgres::Pool,
+    id: i64,
+    attempt: i32,
+}
+
+impl std::fmt::Debug for JobContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobContext")
+            .field("cancelled", &self.cancelled.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 impl JobContext {
-    pub(crate) fn new(cancelled: CancellationToken) -> Self {
-        JobContext { cancelled }
+    /// A context without a database (progress reports are dropped); for
+    /// calling handlers directly, e.g. in unit tests.
+    pub fn new(cancelled: CancellationToken) -> Self {
+        JobContext {
+            cancelled,
+            progress: None,
+        }
     }
 
-    /// Fires when the attempt must stop: its lease ran out, or shutdown's
-    /// grace period is over. The handler's future is dropped right after, so
-    /// this matters for work it handed to other tasks or processes.
+    pub(crate) fn for_attempt(
+        cancelled: CancellationToken,
+        pool: deadpool_postgres::Pool,
+        id: i64,
+        attempt: i32,
+    ) -> Self {
+        JobContext {
+            cancelled,
+            progress: Some(ProgressTarget { pool, id, attempt }),
+        }
+    }
+
+    /// Fires when the attempt must stop: the job was cancelled, its lease
+    /// ran out, or shutdown's grace period is over. The handler then has a
+    /// second to return before its future is dropped; this matters most for
+    /// work it handed to other tasks or processes.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancelled
+    }
+
+    /// Records progress (0–100 and a short message) on the job, visible in
+    /// `GET /api/jobs/{id}` as `progress`. Returns false when the attempt is
+    /// no longer current (cancelled, rescued).
+    pub async fn progress(&self, percent: f64, message: &str) -> Result<bool, BoxError> {
+        let Some(target) = &self.progress else {
+            return Ok(false);
+        };
+        let client = target.pool.get().await?;
+        let message = (!message.is_empty()).then_some(message);
+        Ok(
+            crate::store::report_progress(&client, target.id, target.attempt, percent, message)
+                .await?,
+        )
     }
 }
 

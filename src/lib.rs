@@ -28,6 +28,7 @@ pub mod listener;
 pub mod maintenance;
 pub mod metrics;
 pub mod runtime;
+pub mod schedule;
 pub mod schema;
 pub mod shutdown;
 pub mod store;

@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::wakeup::{channel_name, Wakeups};
+use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL};
 
 /// What the rest of the process may know about the listener: `/ready` and
 /// metrics read it.
@@ -128,7 +128,9 @@ impl Listener {
         let listen: String = self
             .wakeups
             .queues()
-            .map(|q| format!("LISTEN {};", quote_ident(&channel_name(q))))
+            .map(channel_name)
+            .chain([CANCEL_CHANNEL.to_string()])
+            .map(|channel| format!("LISTEN {};", quote_ident(&channel)))
             .collect();
         self.drive(client.batch_execute(&listen), &mut messages)
             .await??;
@@ -190,6 +192,14 @@ impl Listener {
         message: Option<Result<AsyncMessage, tokio_postgres::Error>>,
     ) -> Result<(), SessionError> {
         match message {
+            Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CANCEL_CHANNEL => {
+                if let Ok(id) = n.payload().parse::<i64>() {
+                    if self.wakeups.running().cancel(id) {
+                        info!(job_id = id, "running job cancelled");
+                    }
+                }
+                Ok(())
+            }
             Some(Ok(AsyncMessage::Notification(n))) => {
                 if let Some(wakeup) = self.wakeups.for_channel(n.channel()) {
                     wakeup.notification(n.payload());

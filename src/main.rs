@@ -67,9 +67,12 @@ struct SendArgs {
     /// Overrides the queue's retry_limit + 1.
     #[arg(long)]
     max_attempts: Option<i32>,
-    /// At most one waiting job per key.
+    /// At most one queued job per key (a duplicate prints the existing id).
     #[arg(long)]
     singleton_key: Option<String>,
+    /// With --singleton-key: at most one job per key per slot of this many seconds.
+    #[arg(long, requires = "singleton_key")]
+    singleton_seconds: Option<i32>,
 }
 
 fn main() -> ExitCode {
@@ -189,13 +192,18 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<()> {
             .context("--delay: must be a number of seconds, 0 or more")?,
         max_attempts: args.max_attempts,
         singleton_key: args.singleton_key,
+        singleton_seconds: args.singleton_seconds,
     };
-    let ids = pgtasks::store::insert_jobs(&client, std::slice::from_ref(&job))
-        .await
-        .map_err(|e| match e.as_db_error() {
-            Some(db) => anyhow::anyhow!("{}", db.message()),
-            None => anyhow::anyhow!(e),
-        })?;
-    println!("{}", ids[0]);
+    let (id, duplicate) =
+        pgtasks::store::send_job(&client, &job)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => anyhow::anyhow!("{}", db.message()),
+                None => anyhow::anyhow!(e),
+            })?;
+    println!("{id}");
+    if duplicate {
+        eprintln!("duplicate: job {id} with this singleton key was already queued");
+    }
     Ok(())
 }

@@ -169,7 +169,7 @@ impl Runtime {
         let mut stats = BTreeMap::new();
 
         if self.run_maintenance {
-            let maintenance = Maintenance::new(pool.clone(), config.maintenance.rescue_interval);
+            let maintenance = Maintenance::new(pool.clone(), config.maintenance.intervals());
             tasks.spawn(maintenance.run(shutdown.clone()));
         }
 
@@ -234,6 +234,7 @@ impl Runtime {
                     stats: queue_stats,
                     attempts: attempts.clone(),
                     abort: abort.clone(),
+                    running: wakeups.running().clone(),
                 };
                 workers.spawn(worker.run(shutdown.clone()));
             }
@@ -306,12 +307,31 @@ impl Runtime {
     }
 }
 
-/// Creates or updates every configured queue in one transaction.
+/// Creates or updates every configured queue and schedule in one transaction.
 async fn sync_queues(pool: &Pool, config: &Config) -> Result<(), StartError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await.map_err(StartError::SyncQueues)?;
     for (name, policy) in &config.queues {
         store::upsert_queue(&tx, name, policy)
+            .await
+            .map_err(StartError::SyncQueues)?;
+    }
+    for (name, s) in &config.schedules {
+        let record = store::ScheduleRecord {
+            name: name.clone(),
+            cron: s.cron.clone(),
+            timezone: s.timezone.clone(),
+            queue: s.queue.clone(),
+            data: s.data.clone(),
+            priority: s.priority,
+            max_attempts: s.max_attempts,
+            enabled: true,
+            next_run_at: None,
+            last_run_at: None,
+            last_job_id: None,
+            last_error: None,
+        };
+        store::upsert_schedule(&tx, &record)
             .await
             .map_err(StartError::SyncQueues)?;
     }

@@ -25,7 +25,11 @@ pub struct NewJob {
     /// Due this long after the database's `now()` (when `run_at` is None).
     pub delay: Option<Duration>,
     pub max_attempts: Option<i32>,
+    /// With a key: at most one queued job per (queue, key); a second submit
+    /// returns the first one's id. Such jobs go through [`send_job`].
     pub singleton_key: Option<String>,
+    /// With a key: also at most one job per key per slot of this many seconds.
+    pub singleton_seconds: Option<i32>,
 }
 
 const UPSERT_QUEUE: &str = "
@@ -346,17 +350,32 @@ pub async fn get_job(client: &impl GenericClient, id: i64) -> Result<Option<JobR
         .map(job_record))
 }
 
-const CANCEL_JOB: &str = "
-WITH target AS (
-    SELECT id, state FROM pgtasks.job WHERE id = $1 FOR UPDATE
-), changed AS (
-    UPDATE pgtasks.job j
-       SET state = 'cancelled', completed_at = now(), lease_until = NULL
-      FROM target t
-     WHERE j.id = t.id AND t.state IN ('created', 'retry', 'active')
-    RETURNING j.id
-)
-SELECT t.state, EXISTS (SELECT 1 FROM changed) FROM target t";
+const SEND_JOB: &str = "
+SELECT id, duplicate
+  FROM pgtasks.send($1, $2, $3, $4, $5 * interval '1 second', $6, $7, $8)";
+
+/// Inserts one job through `pgtasks.send`, which deduplicates singleton keys:
+/// returns the id and whether it is an existing job's.
+pub async fn send_job(client: &impl GenericClient, job: &NewJob) -> Result<(i64, bool), Error> {
+    let statement = client.prepare_cached(SEND_JOB).await?;
+    let delay = job.delay.map(|d| d.as_secs_f64());
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &job.queue,
+                &job.data,
+                &job.priority.unwrap_or(0),
+                &job.run_at,
+                &delay,
+                &job.max_attempts,
+                &job.singleton_key,
+                &job.singleton_seconds,
+            ],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
 
 /// What a state-changing call found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,39 +386,111 @@ pub enum Transition {
     Refused(JobState),
 }
 
-/// Cancels a waiting or running job. A running attempt's outcome is then
-/// ignored (acks only apply to active jobs).
+const CANCEL_JOB: &str = "SELECT pgtasks.cancel_job($1)";
+const RESUME_JOB: &str = "SELECT pgtasks.resume_job($1)";
+const RETRY_JOB: &str = "SELECT pgtasks.retry_job($1)";
+
+/// Cancels a waiting or running job (`pgtasks.cancel_job`); a running
+/// attempt is signalled through the `pgtasks:cancel` channel.
 pub async fn cancel_job(client: &impl GenericClient, id: i64) -> Result<Transition, Error> {
-    let statement = client.prepare_cached(CANCEL_JOB).await?;
-    transition(client.query_opt(&statement, &[&id]).await?)
+    let from = previous_state(client, CANCEL_JOB, id).await?;
+    Ok(transition(
+        from,
+        &[JobState::Created, JobState::Retry, JobState::Active],
+    ))
 }
 
-const RETRY_JOB: &str = "
-WITH target AS (
-    SELECT id, state FROM pgtasks.job WHERE id = $1 FOR UPDATE
-), changed AS (
-    UPDATE pgtasks.job j
-       SET state = 'retry', run_at = now(), completed_at = NULL,
-           max_attempts = greatest(coalesce(j.max_attempts, q.retry_limit + 1), j.attempt + 1)
-      FROM target t, pgtasks.queue q
-     WHERE j.id = t.id AND t.state = 'failed' AND q.name = j.queue
-    RETURNING j.id
-)
-SELECT t.state, EXISTS (SELECT 1 FROM changed) FROM target t";
+/// Makes a cancelled job wait again (`pgtasks.resume_job`).
+pub async fn resume_job(client: &impl GenericClient, id: i64) -> Result<Transition, Error> {
+    let from = previous_state(client, RESUME_JOB, id).await?;
+    Ok(transition(from, &[JobState::Cancelled]))
+}
 
-/// Gives a failed job one more attempt, due now (the update trigger wakes
-/// its queue).
+/// Gives a failed job one more attempt, due now (`pgtasks.retry_job`).
 pub async fn retry_job(client: &impl GenericClient, id: i64) -> Result<Transition, Error> {
-    let statement = client.prepare_cached(RETRY_JOB).await?;
-    transition(client.query_opt(&statement, &[&id]).await?)
+    let from = previous_state(client, RETRY_JOB, id).await?;
+    Ok(transition(from, &[JobState::Failed]))
 }
 
-fn transition(row: Option<tokio_postgres::Row>) -> Result<Transition, Error> {
-    Ok(match row {
+async fn previous_state(
+    client: &impl GenericClient,
+    sql: &str,
+    id: i64,
+) -> Result<Option<JobState>, Error> {
+    let statement = client.prepare_cached(sql).await?;
+    Ok(client.query_one(&statement, &[&id]).await?.get(0))
+}
+
+fn transition(from: Option<JobState>, allowed: &[JobState]) -> Transition {
+    match from {
         None => Transition::NotFound,
-        Some(row) if row.get::<_, bool>(1) => Transition::Done,
-        Some(row) => Transition::Refused(row.get(0)),
-    })
+        Some(state) if allowed.contains(&state) => Transition::Done,
+        Some(state) => Transition::Refused(state),
+    }
+}
+
+const PAUSE_QUEUE: &str = "SELECT pgtasks.pause_queue($1)";
+const RESUME_QUEUE: &str = "SELECT pgtasks.resume_queue($1)";
+
+/// Pauses (true) or resumes (false) a queue on every instance; false when
+/// there is no such queue.
+pub async fn set_queue_paused(
+    client: &impl GenericClient,
+    queue: &str,
+    paused: bool,
+) -> Result<bool, Error> {
+    let sql = if paused { PAUSE_QUEUE } else { RESUME_QUEUE };
+    let statement = client.prepare_cached(sql).await?;
+    Ok(client.query_one(&statement, &[&queue]).await?.get(0))
+}
+
+const REPORT_PROGRESS: &str = "SELECT pgtasks.report_progress($1, $2, $3::float8::numeric, $4)";
+
+/// Stores a running attempt's progress; false when the attempt is over.
+pub async fn report_progress(
+    client: &impl GenericClient,
+    id: i64,
+    attempt: i32,
+    percent: f64,
+    message: Option<&str>,
+) -> Result<bool, Error> {
+    let statement = client.prepare_cached(REPORT_PROGRESS).await?;
+    Ok(client
+        .query_one(&statement, &[&id, &attempt, &percent, &message])
+        .await?
+        .get(0))
+}
+
+const DELETE_COMPLETED: &str = "
+DELETE FROM pgtasks.job j
+ USING unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+ WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'";
+
+/// Completes attempts of queues that keep nothing (retention 0) by deleting them.
+pub async fn delete_completed(
+    client: &impl GenericClient,
+    ids: &[i64],
+    attempts: &[i32],
+) -> Result<u64, Error> {
+    let statement = client.prepare_cached(DELETE_COMPLETED).await?;
+    client.execute(&statement, &[&ids, &attempts]).await
+}
+
+const DELETE_EXPIRED: &str = "
+DELETE FROM pgtasks.job
+ WHERE id IN (
+    SELECT j.id FROM pgtasks.job j JOIN pgtasks.queue q ON q.name = j.queue
+     WHERE j.state IN ('completed', 'failed', 'cancelled')
+       AND j.completed_at < now() - q.retention
+     ORDER BY j.id
+     LIMIT $1
+       FOR UPDATE OF j SKIP LOCKED)";
+
+/// Deletes up to `limit` finished jobs older than their queue's retention,
+/// oldest ids first (they sit at the front of the primary key).
+pub async fn delete_expired(client: &impl GenericClient, limit: i64) -> Result<u64, Error> {
+    let statement = client.prepare_cached(DELETE_EXPIRED).await?;
+    client.execute(&statement, &[&limit]).await
 }
 
 const QUEUE_SUMMARIES: &str = "
@@ -473,4 +564,182 @@ pub async fn queue_depths(client: &impl GenericClient) -> Result<Vec<(String, i6
 pub async fn ping(client: &impl GenericClient) -> Result<(), Error> {
     let statement = client.prepare_cached("SELECT 1").await?;
     client.query_one(&statement, &[]).await.map(|_| ())
+}
+
+/// A row of `pgtasks.schedule`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ScheduleRecord {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub queue: String,
+    #[schema(value_type = Object)]
+    pub data: Value,
+    pub priority: i32,
+    pub max_attempts: Option<i32>,
+    pub enabled: bool,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub last_run_at: Option<DateTime<Utc>>,
+    pub last_job_id: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+macro_rules! schedule_columns {
+    () => {
+        "name, cron, timezone, queue, data, priority, max_attempts, enabled, next_run_at,
+         last_run_at, last_job_id, last_error"
+    };
+}
+
+fn schedule_record(row: &tokio_postgres::Row) -> ScheduleRecord {
+    ScheduleRecord {
+        name: row.get(0),
+        cron: row.get(1),
+        timezone: row.get(2),
+        queue: row.get(3),
+        data: row.get(4),
+        priority: row.get(5),
+        max_attempts: row.get(6),
+        enabled: row.get(7),
+        next_run_at: row.get(8),
+        last_run_at: row.get(9),
+        last_job_id: row.get(10),
+        last_error: row.get(11),
+    }
+}
+
+const UPSERT_SCHEDULE: &str = concat!(
+    "INSERT INTO pgtasks.schedule AS s (name, cron, timezone, queue, data, priority, max_attempts, enabled)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (name) DO UPDATE
+        SET cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, queue = EXCLUDED.queue,
+            data = EXCLUDED.data, priority = EXCLUDED.priority,
+            max_attempts = EXCLUDED.max_attempts, enabled = EXCLUDED.enabled
+     RETURNING ",
+    schedule_columns!()
+);
+
+/// Creates or replaces a schedule (its next run is computed by the leader).
+pub async fn upsert_schedule(
+    client: &impl GenericClient,
+    s: &ScheduleRecord,
+) -> Result<ScheduleRecord, Error> {
+    let statement = client.prepare_cached(UPSERT_SCHEDULE).await?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &s.name,
+                &s.cron,
+                &s.timezone,
+                &s.queue,
+                &s.data,
+                &s.priority,
+                &s.max_attempts,
+                &s.enabled,
+            ],
+        )
+        .await?;
+    Ok(schedule_record(&row))
+}
+
+const LIST_SCHEDULES: &str = concat!(
+    "SELECT ",
+    schedule_columns!(),
+    " FROM pgtasks.schedule ORDER BY name"
+);
+
+pub async fn list_schedules(client: &impl GenericClient) -> Result<Vec<ScheduleRecord>, Error> {
+    let statement = client.prepare_cached(LIST_SCHEDULES).await?;
+    Ok(client
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(schedule_record)
+        .collect())
+}
+
+const DELETE_SCHEDULE: &str = "DELETE FROM pgtasks.schedule WHERE name = $1";
+
+/// True when there was such a schedule.
+pub async fn delete_schedule(client: &impl GenericClient, name: &str) -> Result<bool, Error> {
+    let statement = client.prepare_cached(DELETE_SCHEDULE).await?;
+    Ok(client.execute(&statement, &[&name]).await? > 0)
+}
+
+const DUE_SCHEDULES: &str = concat!(
+    "SELECT ",
+    schedule_columns!(),
+    ", now() FROM pgtasks.schedule
+      WHERE enabled AND last_error IS NULL AND (next_run_at IS NULL OR next_run_at <= now())
+      ORDER BY next_run_at NULLS FIRST
+      LIMIT $1
+        FOR UPDATE SKIP LOCKED"
+);
+
+/// Schedules that are due or have no next run yet, locked, with the
+/// database's `now()`.
+pub async fn due_schedules(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<(ScheduleRecord, DateTime<Utc>)>, Error> {
+    let statement = client.prepare_cached(DUE_SCHEDULES).await?;
+    let rows = client.query(&statement, &[&limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (schedule_record(r), r.get(12)))
+        .collect())
+}
+
+const ENQUEUE_SCHEDULED: &str = "
+INSERT INTO pgtasks.job (queue, data, priority, max_attempts, singleton_key, singleton_on)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT DO NOTHING
+RETURNING id";
+
+/// Enqueues one run of a schedule, at most once per (schedule, run time)
+/// whoever tries: `None` when that run was already enqueued.
+pub async fn enqueue_scheduled(
+    client: &impl GenericClient,
+    schedule: &ScheduleRecord,
+    run_at: DateTime<Utc>,
+) -> Result<Option<i64>, Error> {
+    let statement = client.prepare_cached(ENQUEUE_SCHEDULED).await?;
+    let key = format!("schedule:{}@{}", schedule.name, run_at.to_rfc3339());
+    let row = client
+        .query_opt(
+            &statement,
+            &[
+                &schedule.queue,
+                &schedule.data,
+                &schedule.priority,
+                &schedule.max_attempts,
+                &key,
+                &run_at,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+const SET_SCHEDULE_RUN: &str = "
+UPDATE pgtasks.schedule
+   SET next_run_at = $2, last_run_at = coalesce($3, last_run_at),
+       last_job_id = coalesce($4, last_job_id), last_error = $5
+ WHERE name = $1";
+
+/// Records a schedule's next run, and its last one when it just ran.
+pub async fn set_schedule_run(
+    client: &impl GenericClient,
+    name: &str,
+    next_run_at: Option<DateTime<Utc>>,
+    ran_at: Option<DateTime<Utc>>,
+    job_id: Option<i64>,
+    error: Option<&str>,
+) -> Result<(), Error> {
+    let statement = client.prepare_cached(SET_SCHEDULE_RUN).await?;
+    client
+        .execute(&statement, &[&name, &next_run_at, &ran_at, &job_id, &error])
+        .await?;
+    Ok(())
 }

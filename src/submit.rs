@@ -53,9 +53,17 @@ impl SubmitError {
     }
 }
 
+/// A submitted job's id, and whether it is an existing job's (a singleton
+/// key that was already queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: i64,
+    pub duplicate: bool,
+}
+
 struct Request {
     job: NewJob,
-    reply: oneshot::Sender<Result<i64, SubmitError>>,
+    reply: oneshot::Sender<Result<Submitted, SubmitError>>,
 }
 
 /// A handle to submit jobs through the coalescer. Cheap to clone.
@@ -75,7 +83,7 @@ impl Submitter {
     }
 
     /// Inserts one job and returns its id once committed.
-    pub async fn submit(&self, job: NewJob) -> Result<i64, SubmitError> {
+    pub async fn submit(&self, job: NewJob) -> Result<Submitted, SubmitError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request { job, reply })
@@ -110,13 +118,27 @@ async fn run(
 }
 
 async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
+    metrics::histogram!("pgtasks_submit_batch_size").record(batch.len() as f64);
+    // Keyed jobs may be duplicates: `pgtasks.send` decides each one.
+    let (keyed, plain): (Vec<Request>, Vec<Request>) = batch
+        .into_iter()
+        .partition(|r| r.job.singleton_key.is_some());
+    for request in keyed {
+        let result = send(pool, &request.job).await;
+        let _ = request.reply.send(result);
+    }
+    if plain.is_empty() {
+        return;
+    }
     let (jobs, replies): (Vec<NewJob>, Vec<_>) =
-        batch.into_iter().map(|r| (r.job, r.reply)).unzip();
-    metrics::histogram!("pgtasks_submit_batch_size").record(jobs.len() as f64);
+        plain.into_iter().map(|r| (r.job, r.reply)).unzip();
     match insert(pool, &jobs).await {
         Ok(ids) => {
             for (reply, id) in replies.into_iter().zip(ids) {
-                let _ = reply.send(Ok(id));
+                let _ = reply.send(Ok(Submitted {
+                    id,
+                    duplicate: false,
+                }));
             }
         }
         Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
@@ -124,7 +146,10 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
             for (job, reply) in jobs.into_iter().zip(replies) {
                 let result = insert(pool, std::slice::from_ref(&job))
                     .await
-                    .map(|ids| ids[0]);
+                    .map(|ids| Submitted {
+                        id: ids[0],
+                        duplicate: false,
+                    });
                 let _ = reply.send(result);
             }
         }
@@ -145,4 +170,10 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
 async fn insert(pool: &Pool, jobs: &[NewJob]) -> Result<Vec<i64>, SubmitError> {
     let client = pool.get().await?;
     Ok(store::insert_jobs(&client, jobs).await?)
+}
+
+async fn send(pool: &Pool, job: &NewJob) -> Result<Submitted, SubmitError> {
+    let client = pool.get().await?;
+    let (id, duplicate) = store::send_job(&client, job).await?;
+    Ok(Submitted { id, duplicate })
 }

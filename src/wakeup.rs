@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// The wakeup line of one queue.
 #[derive(Debug, Default)]
@@ -62,10 +63,39 @@ impl QueueWakeup {
     }
 }
 
-/// Every queue's wakeup line, keyed by queue name. Built once at startup.
+/// The attempts running in this process, so a cancel from any instance
+/// (`pgtasks:cancel` notifications) reaches the handler's token.
+#[derive(Debug, Default, Clone)]
+pub struct RunningJobs {
+    tokens: Arc<Mutex<HashMap<i64, CancellationToken>>>,
+}
+
+impl RunningJobs {
+    pub fn insert(&self, id: i64, token: CancellationToken) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(id, token);
+        }
+    }
+
+    pub fn remove(&self, id: i64) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.remove(&id);
+        }
+    }
+
+    /// Fires the job's token if it runs here; true when it did.
+    pub fn cancel(&self, id: i64) -> bool {
+        let token = self.tokens.lock().ok().and_then(|t| t.get(&id).cloned());
+        token.map(|t| t.cancel()).is_some()
+    }
+}
+
+/// Every queue's wakeup line, keyed by queue name, and the running jobs.
+/// Built once at startup.
 #[derive(Debug, Default, Clone)]
 pub struct Wakeups {
     queues: Arc<HashMap<String, Arc<QueueWakeup>>>,
+    running: RunningJobs,
 }
 
 impl Wakeups {
@@ -77,7 +107,12 @@ impl Wakeups {
                     .map(|q| (q.to_string(), Arc::default()))
                     .collect(),
             ),
+            running: RunningJobs::default(),
         }
+    }
+
+    pub fn running(&self) -> &RunningJobs {
+        &self.running
     }
 
     pub fn get(&self, queue: &str) -> Option<&Arc<QueueWakeup>> {
@@ -106,6 +141,9 @@ impl Wakeups {
 
 /// The payload the triggers send for rows that are due later.
 pub const SCHEDULED_PAYLOAD: &str = "scheduled";
+
+/// Carries the id of a running job that was cancelled.
+pub const CANCEL_CHANNEL: &str = "pgtasks:cancel";
 
 /// Channel names are `pgtasks.<queue>`, as the schema's triggers send them.
 pub const CHANNEL_PREFIX: &str = "pgtasks.";

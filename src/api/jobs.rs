@@ -27,6 +27,10 @@ pub struct Submitted {
     pub job_id: String,
     #[schema(example = "readme-queue")]
     pub queue: String,
+    /// Present (true) when a job with the same singleton key was already
+    /// queued (or throttled in this slot): `jobId` is that job's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -36,6 +40,9 @@ pub struct SubmittedBatch {
     #[serde(rename = "jobIds")]
     pub job_ids: Vec<String>,
     pub queue: String,
+    /// Per job, whether it was a duplicate; present when any job had a singleton key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<Vec<bool>>,
 }
 
 /// A job with options, for `POST /api/queues/{queue}/jobs`.
@@ -53,7 +60,11 @@ pub struct SubmitRequest {
     pub delay: Option<f64>,
     /// Overrides the queue's retry_limit + 1.
     pub max_attempts: Option<i32>,
+    /// At most one queued job per key: a second submit returns the first's
+    /// id with `"duplicate": true`.
     pub singleton_key: Option<String>,
+    /// With `singleton_key`: at most one job per key per slot of this many seconds.
+    pub singleton_seconds: Option<i32>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -123,14 +134,28 @@ pub async fn submit_batch(
         .enumerate()
         .map(|(i, r)| new_job(&queue, r, &format!("jobs[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
-    let client = state.pool.get().await?;
-    let ids = store::insert_jobs(&client, &jobs).await?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let (ids, duplicates) = if jobs.iter().any(|j| j.singleton_key.is_some()) {
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut duplicates = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let (id, duplicate) = store::send_job(&tx, job).await?;
+            ids.push(id);
+            duplicates.push(duplicate);
+        }
+        (ids, Some(duplicates))
+    } else {
+        (store::insert_jobs(&tx, &jobs).await?, None)
+    };
+    tx.commit().await?;
     metrics::counter!("pgtasks_jobs_submitted_total", "queue" => queue.clone())
         .increment(ids.len() as u64);
     Ok(warp::reply::json(&SubmittedBatch {
         success: true,
         job_ids: ids.iter().map(i64::to_string).collect(),
         queue,
+        duplicates,
     }))
 }
 
@@ -156,6 +181,19 @@ pub async fn cancel(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
     }
 }
 
+/// `POST /api/jobs/{id}/resume`: a cancelled job waits again.
+pub async fn resume(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+    let client = state.pool.get().await?;
+    match store::resume_job(&client, id).await? {
+        Transition::Done => get(state.clone(), id).await,
+        Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
+        Transition::Refused(s) => Err(ApiError::conflict(format!(
+            "job {id} is {}; only cancelled jobs can be resumed",
+            s.as_str()
+        ))),
+    }
+}
+
 /// `POST /api/jobs/{id}/retry`: one more attempt for a failed job.
 pub async fn retry(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
     let client = state.pool.get().await?;
@@ -171,12 +209,15 @@ pub async fn retry(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
 
 async fn submit_one(state: &ApiState, job: NewJob) -> Result<warp::reply::Json, ApiError> {
     let queue = job.queue.clone();
-    let id = state.submitter.submit(job).await?;
-    metrics::counter!("pgtasks_jobs_submitted_total", "queue" => queue.clone()).increment(1);
+    let submitted = state.submitter.submit(job).await?;
+    if !submitted.duplicate {
+        metrics::counter!("pgtasks_jobs_submitted_total", "queue" => queue.clone()).increment(1);
+    }
     Ok(warp::reply::json(&Submitted {
         success: true,
-        job_id: id.to_string(),
+        job_id: submitted.id.to_string(),
         queue,
+        duplicate: submitted.duplicate,
     }))
 }
 
@@ -230,6 +271,18 @@ fn new_job(queue: &str, r: SubmitRequest, prefix: &str) -> Result<NewJob, ApiErr
         }
         (None, None) => None,
     };
+    if r.singleton_seconds.is_some() && r.singleton_key.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "{}: needs singleton_key",
+            field("singleton_seconds")
+        )));
+    }
+    if r.singleton_seconds.is_some_and(|n| n < 1) {
+        return Err(ApiError::bad_request(format!(
+            "{}: must be at least 1",
+            field("singleton_seconds")
+        )));
+    }
     if r.max_attempts.is_some_and(|n| n < 1) {
         return Err(ApiError::bad_request(format!(
             "{}: must be at least 1",
@@ -247,5 +300,6 @@ fn new_job(queue: &str, r: SubmitRequest, prefix: &str) -> Result<NewJob, ApiErr
             .map(std::time::Duration::from_secs_f64),
         max_attempts: r.max_attempts,
         singleton_key: r.singleton_key,
+        singleton_seconds: r.singleton_seconds,
     })
 }

@@ -11,7 +11,8 @@
 //! | POST | `/api/queues/{queue}/jobs` | submit with options |
 //! | POST | `/api/queues/{queue}/jobs/batch` | many jobs, one transaction |
 //! | GET | `/api/jobs/{id}` | a job |
-//! | POST | `/api/jobs/{id}/cancel`, `/api/jobs/{id}/retry` | |
+//! | POST | `/api/jobs/{id}/cancel`, `/retry`, `/resume` | |
+//! | POST | `/api/queues/{queue}/pause`, `/resume` | |
 //! | GET | `/api/queues` | counts per state |
 //! | GET | `/api/openapi.json` | this API, described |
 
@@ -125,6 +126,18 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state.clone())
         .then(|id, s| async move { respond(jobs::retry(s, id).await) });
+    let resume = warp::path!("jobs" / i64 / "resume")
+        .and(warp::post())
+        .and(with_state.clone())
+        .then(|id, s| async move { respond(jobs::resume(s, id).await) });
+    let pause_queue = warp::path!("queues" / String / "pause")
+        .and(warp::post())
+        .and(with_state.clone())
+        .then(|q, s| async move { respond(system::set_paused(s, q, true).await) });
+    let resume_queue = warp::path!("queues" / String / "resume")
+        .and(warp::post())
+        .and(with_state.clone())
+        .then(|q, s| async move { respond(system::set_paused(s, q, false).await) });
     let submit_to_queue = warp::path!("queues" / String / "jobs")
         .and(warp::post())
         .and(with_state.clone())
@@ -151,6 +164,12 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
             .or(cancel)
             .unify()
             .or(retry)
+            .unify()
+            .or(resume)
+            .unify()
+            .or(pause_queue)
+            .unify()
+            .or(resume_queue)
             .unify()
             .or(submit_to_queue)
             .unify()
@@ -232,6 +251,9 @@ pub fn route_label(method: &str, path: &str) -> &'static str {
         (_, ["api", "queues", _, "jobs", "batch"]) => "/api/queues/{queue}/jobs/batch",
         (_, ["api", "jobs", _, "cancel"]) => "/api/jobs/{id}/cancel",
         (_, ["api", "jobs", _, "retry"]) => "/api/jobs/{id}/retry",
+        (_, ["api", "jobs", _, "resume"]) => "/api/jobs/{id}/resume",
+        (_, ["api", "queues", _, "pause"]) => "/api/queues/{queue}/pause",
+        (_, ["api", "queues", _, "resume"]) => "/api/queues/{queue}/resume",
         ("POST", ["api", "jobs", _]) => "/api/jobs/{route}",
         (_, ["api", "jobs", _]) => "/api/jobs/{id}",
         _ => "other",

@@ -122,6 +122,26 @@ fn cancel_job() {}
         (status = 409, description = "Not failed", body = ErrorBody)))]
 fn retry_job() {}
 
+#[utoipa::path(post, path = "/api/jobs/{id}/resume", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Waiting again", body = JobResponse),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Not cancelled", body = ErrorBody)))]
+fn resume_job() {}
+
+#[utoipa::path(post, path = "/api/queues/{queue}/pause", tag = "queues",
+    description = "Every instance stops claiming the queue's jobs; submits are still accepted.",
+    params(("queue" = String, Path, description = "Queue name")),
+    responses((status = 200, description = "Paused"), (status = 404, body = ErrorBody)))]
+fn pause_queue() {}
+
+#[utoipa::path(post, path = "/api/queues/{queue}/resume", tag = "queues",
+    description = "Every instance claims the queue's jobs again, woken at once.",
+    params(("queue" = String, Path, description = "Queue name")),
+    responses((status = 200, description = "Resumed"), (status = 404, body = ErrorBody)))]
+fn resume_queue() {}
+
 #[utoipa::path(get, path = "/api/queues", tag = "queues",
     responses((status = 200, body = QueueList)))]
 fn list_queues() {}

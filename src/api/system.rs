@@ -89,3 +89,21 @@ pub async fn queues(state: ApiState) -> Result<impl Reply, ApiError> {
         queues,
     }))
 }
+
+/// `POST /api/queues/{queue}/pause` and `/resume`: every instance stops (or
+/// starts again) claiming the queue's jobs; it keeps accepting them.
+pub async fn set_paused(
+    state: ApiState,
+    queue: String,
+    paused: bool,
+) -> Result<impl Reply, ApiError> {
+    let client = state.pool.get().await?;
+    if !store::set_queue_paused(&client, &queue, paused).await? {
+        return Err(ApiError::not_found(format!("unknown queue \"{queue}\"")));
+    }
+    let queues = store::queue_summaries(&client).await?;
+    let summary = queues.into_iter().find(|q| q.name == queue);
+    Ok(warp::reply::json(
+        &serde_json::json!({ "success": true, "queue": summary }),
+    ))
+}

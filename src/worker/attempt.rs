@@ -19,6 +19,7 @@ use crate::handler::{HandlerResult, JobContext, SharedHandler};
 /// its future is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 use crate::job::Job;
+use crate::wakeup::RunningJobs;
 
 /// Everything an attempt needs, moved into its task.
 pub struct Attempt {
@@ -31,6 +32,10 @@ pub struct Attempt {
     /// The concurrency slot; freed once the outcome is handed to the completer.
     pub slot: OwnedSemaphorePermit,
     pub slot_freed: Arc<tokio::sync::Notify>,
+    /// For progress reports.
+    pub pool: deadpool_postgres::Pool,
+    /// Where a cancel of this job finds its token.
+    pub running: RunningJobs,
 }
 
 impl Attempt {
@@ -43,6 +48,8 @@ impl Attempt {
             abort,
             slot,
             slot_freed,
+            pool,
+            running,
         } = self;
         let queue: Arc<str> = Arc::from(job.queue.as_str());
         let (id, attempt) = (job.id, job.attempt);
@@ -53,11 +60,13 @@ impl Attempt {
             .record(pickup.as_secs_f64());
 
         let cancelled = abort.child_token();
-        let ctx = JobContext::new(cancelled.clone());
+        running.insert(id, cancelled.clone());
+        let ctx = JobContext::for_attempt(cancelled.clone(), pool, id, attempt);
         let started = Instant::now();
         let lease_end = started + lease_left;
         let mut run = pin!(AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind());
         let outcome = tokio::select! {
+            biased;
             result = &mut run => outcome_of(result),
             _ = tokio::time::sleep_until(lease_end) => {
                 cancelled.cancel();
@@ -75,7 +84,14 @@ impl Attempt {
                     Err(_) => Outcome::Released,
                 }
             }
+            _ = cancelled.cancelled() => {
+                // The job was cancelled (it is no longer active, so whatever
+                // is acked here is ignored); give the handler its second.
+                let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
+                Outcome::Failed("cancelled while running".to_string())
+            }
         };
+        running.remove(id);
         metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
             .record(started.elapsed().as_secs_f64());
         if let Outcome::Failed(error) = &outcome {

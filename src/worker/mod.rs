@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::handler::SharedHandler;
 use crate::store;
-use crate::wakeup::QueueWakeup;
+use crate::wakeup::{QueueWakeup, RunningJobs};
 use attempt::Attempt;
 use completer::AckSender;
 
@@ -69,6 +69,7 @@ pub struct QueueWorker {
     pub attempts: TaskTracker,
     /// Fires when shutdown's grace period is over.
     pub abort: CancellationToken,
+    pub running: RunningJobs,
 }
 
 /// Why the worker woke up; logged at debug.
@@ -188,6 +189,8 @@ impl QueueWorker {
                     abort: self.abort.clone(),
                     slot,
                     slot_freed: slot_freed.clone(),
+                    pool: self.pool.clone(),
+                    running: self.running.clone(),
                 };
                 self.attempts.spawn(attempt.run());
             }

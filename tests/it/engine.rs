@@ -265,7 +265,7 @@ async fn expired_lease_of_a_crashed_worker_is_rescued_and_run_again() {
     let mut config = db.config();
     config.queues.get_mut("readme-queue").unwrap().retry_limit = 1;
     let pool = pgtasks::db::create_pool(&config.database).unwrap();
-    let rescued = Maintenance::new(pool.clone(), Duration::from_secs(60))
+    let rescued = Maintenance::new(pool.clone(), config.maintenance.intervals())
         .rescue_once()
         .await
         .unwrap();
@@ -298,10 +298,13 @@ async fn expired_lease_of_a_crashed_worker_is_rescued_and_run_again() {
     running.stopped().await;
 
     // With nothing expired a pass does nothing.
-    let again = Maintenance::new(pool, Duration::from_secs(60))
-        .rescue_once()
-        .await
-        .unwrap();
+    let again = Maintenance::new(
+        pool,
+        pgtasks::config::MaintenanceConfig::default().intervals(),
+    )
+    .rescue_once()
+    .await
+    .unwrap();
     assert_eq!((again.retried, again.failed), (0, 0));
 }
 
