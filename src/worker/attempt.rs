@@ -62,8 +62,19 @@ impl Attempt {
         let started = Instant::now();
         let lease_end = started + lease_left;
         let mut run = pin!(AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind());
+        // Biased, shutdown first: the handler sees `abort` through its child
+        // token in the same poll, and must not turn the shutdown into a
+        // failed attempt by returning before this select notices it.
         let outcome = tokio::select! {
-            result = &mut run => outcome_of(result),
+            biased;
+            _ = abort.cancelled() => {
+                // Whatever the handler returns short of success was cut short
+                // by the shutdown, not by the job: give the attempt back.
+                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                    Ok(Ok(Ok(output))) => Outcome::Completed(output),
+                    _ => Outcome::Released,
+                }
+            }
             _ = tokio::time::sleep_until(lease_end) => {
                 cancelled.cancel();
                 match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
@@ -79,15 +90,7 @@ impl Attempt {
                     ))),
                 }
             }
-            _ = abort.cancelled() => {
-                // `cancelled` is a child of `abort`: the handler sees it now.
-                // Whatever it returns short of success was cut short by the
-                // shutdown, not by the job: give the attempt back.
-                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
-                    Ok(Ok(Ok(output))) => Outcome::Completed(output),
-                    _ => Outcome::Released,
-                }
-            }
+            result = &mut run => outcome_of(result),
         };
         metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
             .record(started.elapsed().as_secs_f64());
