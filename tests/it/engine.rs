@@ -439,3 +439,37 @@ async fn job_errors_can_refuse_a_retry_or_ask_for_a_later_one() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+#[tokio::test]
+async fn retries_due_in_milliseconds_are_not_left_for_the_poll() {
+    let db = TestDb::new().await;
+    // Fails the first attempt of every job.
+    let handler = |job: Job, _ctx: JobContext| async move {
+        if job.attempt == 1 {
+            return Err("first attempt fails".into());
+        }
+        Ok(None)
+    };
+    let policy = QueueConfig {
+        concurrency: 4,
+        retry_delay: Duration::from_millis(5),
+        retry_backoff: false,
+        ..QueueConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .queue("quick-retries", policy, handler)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    // One at a time, so each retry's timer is read on its own.
+    for _ in 0..100 {
+        insert_jobs(&client, "quick-retries", 1).await;
+        let n = count_state(&client, "completed").await + 1;
+        // The poll is 60 s: a retry only the poll would find stalls here.
+        wait_for_state(&client, "completed", n, SECS_10).await;
+    }
+    shutdown.cancel();
+    running.stopped().await;
+}
