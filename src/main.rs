@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use pgtasks::config::{Config, Sources, README_QUEUE};
+use pgtasks::config::{Config, Sources};
 use pgtasks::{db, handlers, schema, shutdown, Runtime};
 
 /// A PostgreSQL job queue service. Submit jobs with SQL
@@ -30,7 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run workers and maintenance for every queue with a handler.
+    /// Run workers and maintenance for every queue with a handler: those that
+    /// declare `[queues.<name>.handler]` (webhook, command, log), and
+    /// readme-queue, which logs its jobs unless it declares another.
     Serve,
     /// Run workers and maintenance (for split deployments).
     Worker,
@@ -95,10 +97,11 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
-    let running = Runtime::new(config)
-        .handler(README_QUEUE, handlers::readme::handle)
-        .start(shutdown)
-        .await?;
+    let mut runtime = Runtime::new(config.clone());
+    for (queue, handler) in handlers::configured(&config)? {
+        runtime = runtime.handler(&queue, handler);
+    }
+    let running = runtime.start(shutdown).await?;
     running.stopped().await;
     info!("stopped");
     Ok(())

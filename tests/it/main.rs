@@ -7,3 +7,4 @@ mod listener;
 mod schema;
 mod shutdown;
 mod support;
+mod webhook;
