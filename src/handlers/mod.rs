@@ -2,11 +2,13 @@
 //! its `[queues.<name>.handler]` config:
 //!
 //! - [`readme`] logs each job (`kind = "log"`, the seed's `readme-queue`);
-//! - [`webhook`] POSTs each job as JSON to a URL (`kind = "webhook"`).
+//! - [`webhook`] POSTs each job as JSON to a URL (`kind = "webhook"`);
+//! - [`command`] runs a program with the job as JSON on stdin (`kind = "command"`).
 //!
-//! A webhook receives the job as [`job_document`]. What it reads back (a
-//! response body) is kept up to [`OUTPUT_LIMIT`].
+//! Webhook and command receive the same document, [`job_document`]. What
+//! they read back (a response body, stdout) is kept up to [`OUTPUT_LIMIT`].
 
+pub mod command;
 pub mod readme;
 pub mod webhook;
 
@@ -17,13 +19,15 @@ use crate::config::{Config, HandlerConfig, README_QUEUE};
 use crate::handler::{Handler, HandlerResult, JobContext};
 use crate::job::Job;
 
+pub use command::Command;
 pub use webhook::Webhook;
 
-/// The most of a webhook's response body that is read; the rest is
-/// discarded.
+/// The most of a webhook's response body or a command's stdout that is
+/// read; the rest is discarded (and a command's stored text output marked
+/// as cut).
 pub const OUTPUT_LIMIT: usize = 1024 * 1024;
 
-/// The longest excerpt of a response body kept in an error.
+/// The longest excerpt of a response body or of stderr kept in an error.
 pub const ERROR_EXCERPT: usize = 1024;
 
 /// A configured handler could not be built.
@@ -37,6 +41,7 @@ pub struct SetupError {
 /// A handler built from config.
 pub enum Configured {
     Webhook(Webhook),
+    Command(Command),
     /// The readme logger.
     Log,
 }
@@ -45,6 +50,7 @@ impl Handler for Configured {
     fn handle(&self, job: Job, ctx: JobContext) -> BoxFuture<'static, HandlerResult> {
         match self {
             Configured::Webhook(webhook) => webhook.handle(job, ctx),
+            Configured::Command(command) => command.handle(job, ctx),
             Configured::Log => Box::pin(readme::handle(job, ctx)),
         }
     }
@@ -60,11 +66,7 @@ pub fn from_config(queue: &str, config: &HandlerConfig) -> Result<Configured, Se
         HandlerConfig::Webhook(webhook) => {
             Configured::Webhook(Webhook::new(webhook).map_err(setup_error)?)
         }
-        HandlerConfig::Command(_) => {
-            return Err(setup_error(
-                "command handlers are not supported yet".to_string(),
-            ))
-        }
+        HandlerConfig::Command(command) => Configured::Command(Command::new(command)),
         HandlerConfig::Log => Configured::Log,
     })
 }
@@ -83,7 +85,7 @@ pub fn configured(config: &Config) -> Result<Vec<(String, Configured)>, SetupErr
     Ok(handlers)
 }
 
-/// The JSON a webhook receives as its body:
+/// The JSON a webhook receives as its body and a command on its stdin:
 /// `{"id", "queue", "data", "attempt", "max_attempts", "created_at"}`.
 pub fn job_document(job: &Job) -> Value {
     json!({

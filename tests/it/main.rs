@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL (see README: running the
 //! tests). Each test has a database of its own, so they run in parallel.
 
+mod command;
 mod config;
 mod engine;
 mod listener;
