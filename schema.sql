@@ -222,6 +222,78 @@ INSERT INTO pgtasks.schema_version (version) VALUES (1);
 END
 $step$;
 
+-- Step 2: per-attempt retry decisions. A handler may ask for a retry no
+-- sooner than a delay (an HTTP Retry-After) or for no retry at all (a
+-- permanent error). The three-argument fail_jobs keeps its meaning and now
+-- delegates, so the policy stays in one place.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 2) THEN
+    RETURN;
+END IF;
+
+-- As the three-argument form, plus per pair: not_before (NULL: the queue's
+-- delay; else at least this long, still capped at retry_delay_max) and
+-- final_attempts (true: fail now, whatever attempts remain; NULL is false).
+CREATE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[],
+                                  not_before interval[], final_attempts boolean[])
+RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
+LANGUAGE sql AS $fn$
+    WITH failure AS (
+        SELECT f.id, f.attempt, f.message, f.not_before, f.final_attempt
+          FROM unnest(ids, attempts, messages, not_before, final_attempts)
+               AS f(id, attempt, message, not_before, final_attempt)
+    ), decided AS (
+        SELECT j.id, f.message, q.dead_letter,
+               j.attempt >= coalesce(j.max_attempts, q.retry_limit + 1)
+                   OR coalesce(f.final_attempt, false) AS exhausted,
+               least(
+                   greatest(
+                       CASE WHEN q.retry_backoff
+                            THEN q.retry_delay * power(2, least(j.attempt - 1, 30))
+                            ELSE q.retry_delay END,
+                       coalesce(f.not_before, interval '0')),
+                   q.retry_delay_max) AS delay
+          FROM failure f
+          JOIN pgtasks.job j ON j.id = f.id AND j.attempt = f.attempt AND j.state = 'active'
+          JOIN pgtasks.queue q ON q.name = j.queue
+           FOR UPDATE OF j
+    ), updated AS (
+        UPDATE pgtasks.job j
+           SET state = CASE WHEN d.exhausted THEN 'failed' ELSE 'retry' END::pgtasks.job_state,
+               run_at = CASE WHEN d.exhausted THEN j.run_at ELSE now() + d.delay END,
+               completed_at = CASE WHEN d.exhausted THEN now() END,
+               lease_until = NULL,
+               last_error = d.message,
+               errors = coalesce(j.errors, '[]'::jsonb)
+                        || jsonb_build_array(jsonb_build_object(
+                               'attempt', j.attempt, 'at', now(), 'error', d.message))
+          FROM decided d
+         WHERE j.id = d.id
+        RETURNING j.id, j.state, j.run_at, j.queue, j.data, j.priority, j.singleton_key,
+                  j.last_error, j.errors, d.exhausted, d.dead_letter
+    ), dead_lettered AS (
+        INSERT INTO pgtasks.job (queue, data, priority, singleton_key, last_error, errors)
+        SELECT u.dead_letter, u.data, u.priority, u.singleton_key, u.last_error,
+               u.errors || jsonb_build_array(jsonb_build_object(
+                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id))
+          FROM updated u
+         WHERE u.exhausted AND u.dead_letter IS NOT NULL
+    )
+    SELECT u.id, u.state, u.run_at FROM updated u
+$fn$;
+
+-- The rescuer and older workers call this form: the queue's policy alone.
+CREATE OR REPLACE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[])
+RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
+LANGUAGE sql AS $fn$
+    SELECT * FROM pgtasks.fail_jobs(ids, attempts, messages, NULL::interval[], NULL::boolean[])
+$fn$;
+
+INSERT INTO pgtasks.schema_version (version) VALUES (2);
+END
+$step$;
+
 -- Step 3: queue features. Singleton and throttle keys, progress, cancel
 -- signals, pause/resume wakeups, job and queue functions for SQL users, cron
 -- schedules.

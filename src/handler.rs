@@ -9,9 +9,15 @@
 //!     Ok(None)
 //! }
 //! ```
+//!
+//! Any error fails the attempt and the queue's policy decides when to retry.
+//! A handler that knows better returns a [`JobError`]: fail for good
+//! ([`JobError::permanent`]) or retry no sooner than a delay
+//! ([`JobError::retry_after`]).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -23,8 +29,86 @@ use crate::job::Job;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `Ok(Some(output))` stores `output` on the completed job; an error fails the
-/// attempt (retried by the queue's policy).
+/// attempt (retried by the queue's policy, unless it is a [`JobError`] that
+/// says otherwise).
 pub type HandlerResult = Result<Option<Value>, BoxError>;
+
+/// When a failed attempt runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The queue's policy: after its (backed-off) delay, while attempts remain.
+    Policy,
+    /// Like `Policy`, but no sooner than this long from now (an HTTP
+    /// `Retry-After`, say). The delay is still capped by the queue's
+    /// `retry_delay_max`.
+    NotBefore(Duration),
+    /// Never: the job fails now, whatever attempts remain, and goes to the
+    /// queue's dead-letter queue if it has one.
+    Never,
+}
+
+/// An error that tells the worker how to retry. Return it (boxed, e.g. with
+/// `?` or `.into()`) from a handler; any other error means [`Retry::Policy`].
+///
+/// ```
+/// # use pgtasks::{HandlerResult, JobError};
+/// fn check(status: u16) -> HandlerResult {
+///     if status == 404 {
+///         return Err(JobError::permanent("the account is gone").into());
+///     }
+///     Ok(None)
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct JobError {
+    message: String,
+    retry: Retry,
+}
+
+impl JobError {
+    /// A failure retried by the queue's policy.
+    pub fn new(message: impl Into<String>) -> Self {
+        JobError {
+            message: message.into(),
+            retry: Retry::Policy,
+        }
+    }
+
+    /// A failure retried no sooner than `delay` from now.
+    pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
+        JobError {
+            message: message.into(),
+            retry: Retry::NotBefore(delay),
+        }
+    }
+
+    /// A failure that is never retried.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        JobError {
+            message: message.into(),
+            retry: Retry::Never,
+        }
+    }
+
+    /// The text stored in the job's `last_error` and `errors`.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    /// The retry decision of any handler error: a [`JobError`]'s own, else
+    /// [`Retry::Policy`].
+    pub fn from_boxed(error: &BoxError) -> JobError {
+        match error.downcast_ref::<JobError>() {
+            Some(job_error) => job_error.clone(),
+            None => JobError::new(error.to_string()),
+        }
+    }
+}
 
 /// What a running attempt may observe besides its job.
 #[derive(Clone)]
@@ -73,7 +157,9 @@ impl JobContext {
     /// Fires when the attempt must stop: the job was cancelled, its lease
     /// ran out, or shutdown's grace period is over. The handler then has a
     /// second to return before its future is dropped; this matters most for
-    /// work it handed to other tasks or processes.
+    /// work it handed to other tasks or processes. An error returned after
+    /// shutdown fired releases the job (the attempt is not counted); after
+    /// the lease ran out it is a failed attempt.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancelled
     }

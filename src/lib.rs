@@ -37,6 +37,6 @@ pub mod wakeup;
 pub mod worker;
 
 pub use config::Config;
-pub use handler::{BoxError, Handler, HandlerResult, JobContext};
+pub use handler::{BoxError, Handler, HandlerResult, JobContext, JobError, Retry};
 pub use job::{Job, JobState};
 pub use runtime::{Running, Runtime};

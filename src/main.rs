@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use pgtasks::config::{Config, Sources, README_QUEUE};
+use pgtasks::config::{Config, Sources};
 use pgtasks::{db, handlers, schema, shutdown, Runtime};
 
 /// A PostgreSQL job queue service. Submit jobs with SQL
@@ -31,6 +31,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API, the workers and maintenance in one process (recommended).
+    /// Workers run every queue with a handler: those that declare
+    /// `[queues.<name>.handler]` (webhook, command, log), and readme-queue,
+    /// which logs its jobs unless it declares another.
     Serve,
     /// Run the HTTP API only: it submits and inspects jobs, runs none.
     Api,
@@ -143,13 +146,14 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 async fn serve(config: Config, mode: Mode) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
-    let running = Runtime::new(config)
-        .handler(README_QUEUE, handlers::readme::handle)
+    let mut runtime = Runtime::new(config.clone())
         .api(mode != Mode::Worker)
         .workers(mode != Mode::Api)
-        .maintenance(mode != Mode::Api)
-        .start(shutdown)
-        .await?;
+        .maintenance(mode != Mode::Api);
+    for (queue, handler) in handlers::configured(&config)? {
+        runtime = runtime.handler(&queue, handler);
+    }
+    let running = runtime.start(shutdown).await?;
     running.stopped().await;
     info!("stopped");
     Ok(())

@@ -209,7 +209,12 @@ pub async fn complete_jobs(
         .await
 }
 
-const FAIL_JOBS: &str = "SELECT id, state, run_at FROM pgtasks.fail_jobs($1, $2, $3)";
+const FAIL_JOBS: &str = "
+SELECT id, state, run_at
+  FROM pgtasks.fail_jobs($1, $2, $3,
+         ARRAY(SELECT make_interval(secs => d)
+                 FROM unnest($4::float8[]) WITH ORDINALITY AS u(d, n) ORDER BY n),
+         $5)";
 
 /// The new state of a job after a failed attempt.
 #[derive(Debug, Clone)]
@@ -219,16 +224,40 @@ pub struct FailedAttempt {
     pub run_at: DateTime<Utc>,
 }
 
+/// Longest `not_before` passed to SQL; a larger one (an absurd
+/// `Retry-After`) would overflow an interval and fail the whole batch.
+const MAX_NOT_BEFORE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// One failed attempt to record.
+#[derive(Debug, Clone, Default)]
+pub struct Failure {
+    /// Stored in `last_error` and appended to `errors`.
+    pub message: String,
+    /// Retry no sooner than this (still capped by the queue's `retry_delay_max`).
+    pub not_before: Option<Duration>,
+    /// Fail the job now, whatever attempts remain.
+    pub final_attempt: bool,
+}
+
 /// Records failed attempts with the queue's retry policy (`pgtasks.fail_jobs`).
 pub async fn fail_jobs(
     client: &impl GenericClient,
     ids: &[i64],
     attempts: &[i32],
-    errors: &[String],
+    failures: &[Failure],
 ) -> Result<Vec<FailedAttempt>, Error> {
     let statement = client.prepare_cached(FAIL_JOBS).await?;
+    let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
+    let not_before: Vec<Option<f64>> = failures
+        .iter()
+        .map(|f| f.not_before.map(|d| d.min(MAX_NOT_BEFORE).as_secs_f64()))
+        .collect();
+    let final_attempts: Vec<bool> = failures.iter().map(|f| f.final_attempt).collect();
     let rows = client
-        .query(&statement, &[&ids, &attempts, &errors])
+        .query(
+            &statement,
+            &[&ids, &attempts, &messages, &not_before, &final_attempts],
+        )
         .await?;
     Ok(rows
         .iter()

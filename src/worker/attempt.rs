@@ -1,5 +1,11 @@
 //! One attempt of one job: run the handler under its lease, turn the result
-//! (or a panic, or the lease running out, or shutdown) into an [`Ack`].
+//! (or a panic, or the lease running out, or shutdown, or a cancel) into an
+//! [`Ack`].
+//!
+//! A handler error carries its retry decision ([`JobError`]) to the
+//! completer. After the lease ran out an error is a failed attempt under the
+//! queue's policy; after shutdown's grace period anything but success
+//! releases the job.
 
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
@@ -13,13 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::completer::{Ack, AckSender, Outcome};
-use crate::handler::{HandlerResult, JobContext, SharedHandler};
+use crate::handler::{HandlerResult, JobContext, JobError, SharedHandler};
+use crate::job::Job;
+use crate::wakeup::RunningJobs;
 
 /// Once its token fires, a handler has this long to return on its own before
 /// its future is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
-use crate::job::Job;
-use crate::wakeup::RunningJobs;
 
 /// Everything an attempt needs, moved into its task.
 pub struct Attempt {
@@ -65,37 +71,48 @@ impl Attempt {
         let started = Instant::now();
         let lease_end = started + lease_left;
         let mut run = pin!(AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind());
+        // Biased, shutdown first: the handler sees `abort` through its child
+        // token in the same poll, and must not turn the shutdown into a
+        // failed attempt by returning before this select notices it.
         let outcome = tokio::select! {
             biased;
-            result = &mut run => outcome_of(result),
+            _ = abort.cancelled() => {
+                // Whatever the handler returns short of success was cut short
+                // by the shutdown, not by the job: give the attempt back.
+                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                    Ok(Ok(Ok(output))) => Outcome::Completed(output),
+                    _ => Outcome::Released,
+                }
+            }
             _ = tokio::time::sleep_until(lease_end) => {
                 cancelled.cancel();
                 match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
-                    Ok(result) => outcome_of(result),
-                    Err(_) => Outcome::Failed(format!(
+                    Ok(result) => match outcome_of(result) {
+                        Outcome::Failed(error) => Outcome::Failed(JobError::new(format!(
+                            "lease expired: the attempt ran longer than {lease_left:.0?} ({})",
+                            error.message()
+                        ))),
+                        finished => finished,
+                    },
+                    Err(_) => Outcome::Failed(JobError::new(format!(
                         "lease expired: the attempt ran longer than {lease_left:.0?}"
-                    )),
+                    ))),
                 }
             }
-            _ = abort.cancelled() => {
-                // `cancelled` is a child of `abort`: the handler sees it now.
-                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
-                    Ok(result) => outcome_of(result),
-                    Err(_) => Outcome::Released,
-                }
-            }
+            result = &mut run => outcome_of(result),
             _ = cancelled.cancelled() => {
-                // The job was cancelled (it is no longer active, so whatever
-                // is acked here is ignored); give the handler its second.
+                // The job was cancelled: it is no longer active, so whatever
+                // is acked here is ignored. Give the handler its second.
                 let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
-                Outcome::Failed("cancelled while running".to_string())
+                Outcome::Failed(JobError::new("cancelled while running"))
             }
         };
         running.remove(id);
         metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
             .record(started.elapsed().as_secs_f64());
         if let Outcome::Failed(error) = &outcome {
-            warn!(queue = %queue, job_id = id, attempt, error = %error, "job attempt failed");
+            warn!(queue = %queue, job_id = id, attempt, error = %error, retry = ?error.retry(),
+                  "job attempt failed");
         }
         let ack = Ack {
             queue,
@@ -120,8 +137,11 @@ type Caught = Result<HandlerResult, Box<dyn std::any::Any + Send>>;
 fn outcome_of(result: Caught) -> Outcome {
     match result {
         Ok(Ok(output)) => Outcome::Completed(output),
-        Ok(Err(error)) => Outcome::Failed(error.to_string()),
-        Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
+        Ok(Err(error)) => Outcome::Failed(JobError::from_boxed(&error)),
+        Err(panic) => Outcome::Failed(JobError::new(format!(
+            "handler panicked: {}",
+            panic_message(&*panic)
+        ))),
     }
 }
 

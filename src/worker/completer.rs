@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use crate::handler::{JobError, Retry};
 use crate::job::JobState;
-use crate::store;
+use crate::store::{self, Failure};
 use crate::wakeup::Wakeups;
 
 /// Largest number of acks written in one statement.
@@ -28,7 +29,8 @@ const MAX_BATCH: usize = 1000;
 #[derive(Debug)]
 pub enum Outcome {
     Completed(Option<Value>),
-    Failed(String),
+    /// The error's message is stored; its [`Retry`] goes to `fail_jobs`.
+    Failed(JobError),
     /// Not run to the end because the process is stopping: give the attempt
     /// back unburned.
     Released,
@@ -99,16 +101,23 @@ impl Completer {
         let mut failed = Columns::default();
         let mut released = Columns::default();
         let mut outputs = Vec::new();
-        let mut errors = Vec::new();
+        let mut failures = Vec::new();
         for ack in batch {
             match &ack.outcome {
                 Outcome::Completed(output) => {
                     completed.push(ack);
                     outputs.push(output.clone());
                 }
-                Outcome::Failed(message) => {
+                Outcome::Failed(error) => {
                     failed.push(ack);
-                    errors.push(message.clone());
+                    failures.push(Failure {
+                        message: error.message().to_string(),
+                        not_before: match error.retry() {
+                            Retry::NotBefore(delay) => Some(delay),
+                            Retry::Policy | Retry::Never => None,
+                        },
+                        final_attempt: error.retry() == Retry::Never,
+                    });
                 }
                 Outcome::Released => released.push(ack),
             }
@@ -124,7 +133,8 @@ impl Completer {
             }
         }
         if !failed.ids.is_empty() {
-            let results = store::fail_jobs(&client, &failed.ids, &failed.attempts, &errors).await?;
+            let results =
+                store::fail_jobs(&client, &failed.ids, &failed.attempts, &failures).await?;
             let queues: HashMap<i64, &Arc<str>> = batch
                 .iter()
                 .filter(|a| matches!(a.outcome, Outcome::Failed(_)))

@@ -100,6 +100,19 @@ impl QueueWorker {
             }
             debug!(queue = %self.queue, ?reason, "worker awake");
             refresh_timer |= self.wakeup.take_schedule_changed();
+            // The timer is read before the claim: a row not yet due when
+            // read is on the timer, and one due by then is claimed next.
+            // Read after the claim, a row that fell due in between (a retry
+            // a few milliseconds out) would be on neither, until the poll.
+            if refresh_timer && !stop.is_cancelled() {
+                match self.read_timer().await {
+                    Ok(next) => {
+                        timer = next;
+                        refresh_timer = false;
+                    }
+                    Err(e) => warn!(queue = %self.queue, error = %e, "reading next run_at failed"),
+                }
+            }
             match self.claim_and_start(&slots, &slot_freed, &stop).await {
                 Ok(full) => {
                     more_waiting = full;
@@ -111,15 +124,6 @@ impl QueueWorker {
                     metrics::counter!("pgtasks_claim_errors_total", "queue" => self.queue.clone())
                         .increment(1);
                     refresh_timer = true;
-                }
-            }
-            if refresh_timer && !stop.is_cancelled() {
-                match self.read_timer().await {
-                    Ok(next) => {
-                        timer = next;
-                        refresh_timer = false;
-                    }
-                    Err(e) => warn!(queue = %self.queue, error = %e, "reading next run_at failed"),
                 }
             }
 

@@ -85,3 +85,150 @@ fn a_missing_config_file_is_an_error() {
     .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/pgtasks.toml"));
 }
+
+#[test]
+fn handler_errors_name_the_handler_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("notes.txt", "not a program")?;
+        let cases = [
+            (
+                "[queues.hooks.handler]\nkind = \"webhook\"",
+                "`queues.hooks.handler.url`",
+            ),
+            (
+                "[queues.hooks.handler]\nkind = \"webhook\"\nurl = \"ftp://example.com/x\"",
+                "`queues.hooks.handler.url`",
+            ),
+            (
+                "[queues.hooks.handler]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\ntimeout = \"0s\"",
+                "`queues.hooks.handler.timeout`",
+            ),
+            (
+                "[queues.hooks.handler]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { \"bad name\" = \"x\" }",
+                "`queues.hooks.handler.headers.bad name`",
+            ),
+            (
+                "[queues.hooks.handler]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nsecrett = \"x\"",
+                "queues.hooks.handler.secrett",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"",
+                "`queues.jobs.handler.program`",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"\nprogram = \"/nonexistent/make-report\"",
+                "`queues.jobs.handler.program`",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"\nprogram = \"pgtasks-no-such-program\"",
+                "`queues.jobs.handler.program`",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"\nprogram = \"./notes.txt\"",
+                "`queues.jobs.handler.program`",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"\nprogram = \"sh\"\nworking_dir = \"/nonexistent\"",
+                "`queues.jobs.handler.working_dir`",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"command\"\nprogram = \"sh\"\ntimeout = \"later\"",
+                "queues.jobs.handler.timeout",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"teleport\"",
+                "queues.jobs.handler",
+            ),
+            (
+                "[queues.jobs.handler]\nprogram = \"sh\"",
+                "`kind` is missing",
+            ),
+            (
+                "[queues.jobs.handler]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nprogram = \"sh\"",
+                "a webhook handler takes no `program`",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = load_in_jail(jail, toml).expect_err(toml);
+            assert!(
+                err.contains(key),
+                "error for {toml:?} should name {key}: {err}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn handlers_load_from_files_and_env_with_lenient_values_and_hidden_secrets() {
+    use pgtasks::config::{CommandConfig, HandlerConfig};
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "extra.toml",
+            r#"
+            [queues.reports.handler]
+            kind = "command"
+            program = "sh"
+            args = ["-c", "exit 0", 3]
+            env = { LEVEL = 2 }
+            timeout = "90s"
+
+            [queues.readme-queue.handler]
+            kind = "log"
+            "#,
+        )?;
+        jail.set_env("PGTASKS_QUEUES__HOOKS__HANDLER__KIND", "webhook");
+        jail.set_env(
+            "PGTASKS_QUEUES__HOOKS__HANDLER__URL",
+            "http://127.0.0.1:9/jobs",
+        );
+        jail.set_env("PGTASKS_QUEUES__HOOKS__HANDLER__SECRET", "12345");
+        jail.set_env("PGTASKS_QUEUES__HOOKS__HANDLER__HEADERS__X-API-KEY", "777");
+        let config = Config::load(&Sources {
+            default_file: None,
+            file: Some("extra.toml".into()),
+        })
+        .expect("config loads");
+        assert_eq!(
+            config.queues["reports"].handler,
+            Some(HandlerConfig::Command(CommandConfig {
+                program: "sh".into(),
+                args: vec!["-c".into(), "exit 0".into(), "3".into()],
+                env: [("LEVEL".to_string(), "2".to_string())].into(),
+                working_dir: None,
+                timeout: Some(Duration::from_secs(90)),
+            }))
+        );
+        assert_eq!(
+            config.queues["readme-queue"].handler,
+            Some(HandlerConfig::Log)
+        );
+        let Some(HandlerConfig::Webhook(hook)) = &config.queues["hooks"].handler else {
+            panic!("hooks has a webhook: {:?}", config.queues["hooks"]);
+        };
+        assert_eq!(hook.url, "http://127.0.0.1:9/jobs");
+        assert_eq!(hook.timeout, Duration::from_secs(30));
+        assert_eq!(hook.headers["x-api-key"], "777");
+        assert_eq!(hook.secret.as_ref().map(|s| s.expose()), Some("12345"));
+        assert!(
+            !format!("{config:?}").contains("12345"),
+            "Debug hides the secret"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn the_shipped_default_file_loads() {
+    // In a jail: other tests set PGTASKS_* variables inside theirs.
+    Jail::expect_with(|_| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml");
+        let config = Config::load(&Sources {
+            default_file: Some(path.into()),
+            file: None,
+        })
+        .expect("config/default.toml loads");
+        assert!(config.queues.contains_key("readme-queue"));
+        Ok(())
+    });
+}

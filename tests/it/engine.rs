@@ -384,3 +384,95 @@ async fn two_runtimes_on_one_database_run_5000_jobs_exactly_once() {
         running.stopped().await;
     }
 }
+
+#[tokio::test]
+async fn job_errors_can_refuse_a_retry_or_ask_for_a_later_one() {
+    use pgtasks::JobError;
+    let db = TestDb::new().await;
+    // {"permanent": true} fails for good; otherwise retry no sooner than 2 s.
+    let handler = |job: Job, _ctx: JobContext| async move {
+        if job.data["permanent"].as_bool() == Some(true) {
+            return Err(JobError::permanent("the account is gone").into());
+        }
+        Err(JobError::retry_after("busy", Duration::from_secs(2)).into())
+    };
+    let policy = QueueConfig {
+        retry_limit: 5,
+        retry_delay: Duration::from_millis(10),
+        ..QueueConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .queue("picky", policy, handler)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO pgtasks.job (queue, data) VALUES
+               ('picky', '{\"permanent\": true}'), ('picky', '{}')",
+        )
+        .await
+        .unwrap();
+    wait_for_state(&client, "failed", 1, SECS_10).await;
+    wait_for_state(&client, "retry", 1, SECS_10).await;
+    let rows = client
+        .query(
+            "SELECT state::text, attempt, last_error,
+                    extract(epoch FROM run_at - (errors->0->>'at')::timestamptz)::float8
+               FROM pgtasks.job ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "failed");
+    assert_eq!(
+        rows[0].get::<_, i32>(1),
+        1,
+        "no retry after a permanent error"
+    );
+    assert_eq!(rows[0].get::<_, String>(2), "the account is gone");
+    assert_eq!(rows[1].get::<_, String>(0), "retry");
+    let delay = rows[1].get::<_, f64>(3);
+    assert!(
+        (1.9..2.5).contains(&delay),
+        "retry delayed {delay} s, not 10 ms"
+    );
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+#[tokio::test]
+async fn retries_due_in_milliseconds_are_not_left_for_the_poll() {
+    let db = TestDb::new().await;
+    // Fails the first attempt of every job.
+    let handler = |job: Job, _ctx: JobContext| async move {
+        if job.attempt == 1 {
+            return Err("first attempt fails".into());
+        }
+        Ok(None)
+    };
+    let policy = QueueConfig {
+        concurrency: 4,
+        retry_delay: Duration::from_millis(5),
+        retry_backoff: false,
+        ..QueueConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .queue("quick-retries", policy, handler)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    // One at a time, so each retry's timer is read on its own.
+    for _ in 0..100 {
+        insert_jobs(&client, "quick-retries", 1).await;
+        let n = count_state(&client, "completed").await + 1;
+        // The poll is 60 s: a retry only the poll would find stalls here.
+        wait_for_state(&client, "completed", n, SECS_10).await;
+    }
+    shutdown.cancel();
+    running.stopped().await;
+}

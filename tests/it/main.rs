@@ -2,9 +2,11 @@
 //! tests). Each test has a database of its own, so they run in parallel.
 
 mod api;
+mod command;
 mod config;
 mod engine;
 mod listener;
 mod schema;
 mod shutdown;
 mod support;
+mod webhook;

@@ -79,3 +79,28 @@ async fn graceful_shutdown_finishes_short_jobs_and_releases_long_ones() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+#[tokio::test]
+async fn handlers_that_give_up_when_cancelled_at_shutdown_release_their_jobs() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.worker.shutdown_grace = Duration::from_millis(100);
+    // Returns an error the moment its token fires, as the webhook and
+    // command handlers do.
+    let handler = |_job: Job, ctx: JobContext| async move {
+        ctx.cancelled().cancelled().await;
+        Err("cancelled".into())
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .queue("quitters", QueueConfig::default(), handler)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    crate::support::insert_jobs(&client, "quitters", 8).await;
+    wait_for_state(&client, "active", 8, SECS_10).await;
+    shutdown.cancel();
+    running.stopped().await;
+    assert_eq!(count_state(&client, "created").await, 8, "all released");
+}

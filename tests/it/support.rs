@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgtasks::config::Config;
-use pgtasks::{HandlerResult, Job, JobContext};
+use pgtasks::{HandlerResult, Job, JobContext, Running, Runtime};
 use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
 
 /// The server tests connect to; every database they make is on it.
 pub fn admin_url() -> String {
@@ -245,6 +246,31 @@ pub async fn insert_jobs(client: &Client, queue: &str, n: i32) {
         )
         .await
         .unwrap();
+}
+
+/// Starts a runtime the way the `pgtasks` binary does: the configured
+/// handler of every queue (and the logger for `readme-queue`).
+pub async fn serve_configured(config: Config) -> (Running, CancellationToken) {
+    config.validate().expect("valid config");
+    let mut runtime = Runtime::new(config.clone());
+    for (queue, handler) in pgtasks::handlers::configured(&config).expect("handlers build") {
+        runtime = runtime.handler(&queue, handler);
+    }
+    let shutdown = CancellationToken::new();
+    let running = runtime.start(shutdown.clone()).await.unwrap();
+    (running, shutdown)
+}
+
+/// Inserts one job as psql would and returns its id.
+pub async fn insert_job(client: &Client, queue: &str, data: serde_json::Value) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO pgtasks.job (queue, data) VALUES ($1, $2) RETURNING id",
+            &[&queue, &data],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);

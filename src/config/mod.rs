@@ -4,7 +4,8 @@
 //! `DATABASE_URL` and `PORT`.
 //!
 //! Every error names the key it is about. Durations are written like `250ms`,
-//! `5s`, `15m`, `7d` (a bare number means seconds).
+//! `5s`, `15m`, `7d` (a bare number means seconds). A queue's handler table
+//! (webhook, command, log) lives in [`handler`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,10 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+
+pub mod handler;
+
+pub use handler::{CommandConfig, HandlerConfig, Secret, WebhookConfig};
 
 /// The name of the queue the seed's `POST /api/jobs/readme` submits to.
 pub const README_QUEUE: &str = "readme-queue";
@@ -271,6 +276,10 @@ pub struct QueueConfig {
     /// The `<name>` in `POST /api/jobs/<name>`, as in the seed's routes.
     #[serde(deserialize_with = "lenient::optional_string")]
     pub route: Option<String>,
+    /// What runs the queue's jobs in the `pgtasks` binary: a webhook, a
+    /// command or the logger (`[queues.<name>.handler]`). Default none: the
+    /// binary logs `readme-queue` jobs and runs no worker for other queues.
+    pub handler: Option<HandlerConfig>,
 }
 
 impl Default for QueueConfig {
@@ -285,6 +294,7 @@ impl Default for QueueConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             dead_letter: None,
             route: None,
+            handler: None,
         }
     }
 }
@@ -443,6 +453,11 @@ impl Config {
                     ));
                 }
             }
+            if let Some(handler) = &queue.handler {
+                handler.validate().map_err(|invalid| {
+                    ConfigError::invalid(key(&format!("handler.{}", invalid.field)), invalid.reason)
+                })?;
+            }
         }
         Ok(())
     }
@@ -499,10 +514,37 @@ pub mod duration {
     }
 }
 
+/// Optional durations, written as [`duration`]s; absent means `None`.
+pub mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::duration::serialize(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::duration")] Duration);
+        Option::<Wrapped>::deserialize(deserializer).map(|v| v.map(|Wrapped(d)| d))
+    }
+}
+
 /// Strings that may arrive as numbers or booleans: the env provider parses
 /// `PGTASKS_QUEUES__A__ROUTE=2024` as an integer, which a plain `String`
 /// field would refuse.
 mod lenient {
+    use std::collections::BTreeMap;
+
     use serde::{Deserialize, Deserializer};
 
     #[derive(Deserialize)]
@@ -535,5 +577,19 @@ mod lenient {
         deserializer: D,
     ) -> Result<Option<String>, D::Error> {
         Option::<Scalar>::deserialize(deserializer).map(|v| v.map(Scalar::into_string))
+    }
+
+    pub fn optional_string_list<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<String>>, D::Error> {
+        Option::<Vec<Scalar>>::deserialize(deserializer)
+            .map(|v| v.map(|v| v.into_iter().map(Scalar::into_string).collect()))
+    }
+
+    pub fn optional_string_map<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+        Option::<BTreeMap<String, Scalar>>::deserialize(deserializer)
+            .map(|m| m.map(|m| m.into_iter().map(|(k, v)| (k, v.into_string())).collect()))
     }
 }
