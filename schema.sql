@@ -390,6 +390,7 @@ BEGIN
     IF previous IN ('created', 'retry', 'active') THEN
         UPDATE pgtasks.job SET state = 'cancelled', completed_at = now(), lease_until = NULL
          WHERE id = job_id;
+        PERFORM pg_notify('pgtasks:done', job_id::text);
     END IF;
     RETURN previous;
 END
@@ -490,6 +491,98 @@ CREATE TRIGGER queue_resumed
     FOR EACH ROW
     WHEN (OLD.paused AND NOT NEW.paused)
     EXECUTE FUNCTION pgtasks.queue_resumed();
+
+-- Dead letters remember where they came from, so they can be redriven. The
+-- copy no longer carries the singleton key: it is a new job in another queue.
+ALTER TABLE pgtasks.job
+    ADD COLUMN dead_letter_of bigint,
+    ADD COLUMN dead_letter_from text;
+
+CREATE OR REPLACE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[],
+                                  not_before interval[], final_attempts boolean[])
+RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
+LANGUAGE sql AS $fn$
+    WITH failure AS (
+        SELECT f.id, f.attempt, f.message, f.not_before, f.final_attempt
+          FROM unnest(ids, attempts, messages, not_before, final_attempts)
+               AS f(id, attempt, message, not_before, final_attempt)
+    ), decided AS (
+        SELECT j.id, f.message, q.dead_letter,
+               j.attempt >= coalesce(j.max_attempts, q.retry_limit + 1)
+                   OR coalesce(f.final_attempt, false) AS exhausted,
+               least(
+                   greatest(
+                       CASE WHEN q.retry_backoff
+                            THEN q.retry_delay * power(2, least(j.attempt - 1, 30))
+                            ELSE q.retry_delay END,
+                       coalesce(f.not_before, interval '0')),
+                   q.retry_delay_max) AS delay
+          FROM failure f
+          JOIN pgtasks.job j ON j.id = f.id AND j.attempt = f.attempt AND j.state = 'active'
+          JOIN pgtasks.queue q ON q.name = j.queue
+           FOR UPDATE OF j
+    ), updated AS (
+        UPDATE pgtasks.job j
+           SET state = CASE WHEN d.exhausted THEN 'failed' ELSE 'retry' END::pgtasks.job_state,
+               run_at = CASE WHEN d.exhausted THEN j.run_at ELSE now() + d.delay END,
+               completed_at = CASE WHEN d.exhausted THEN now() END,
+               lease_until = NULL,
+               last_error = d.message,
+               errors = coalesce(j.errors, '[]'::jsonb)
+                        || jsonb_build_array(jsonb_build_object(
+                               'attempt', j.attempt, 'at', now(), 'error', d.message))
+          FROM decided d
+         WHERE j.id = d.id
+        RETURNING j.id, j.state, j.run_at, j.queue, j.data, j.priority, j.singleton_key,
+                  j.last_error, j.errors, d.exhausted, d.dead_letter
+    ), dead_lettered AS (
+        INSERT INTO pgtasks.job (queue, data, priority, last_error, errors,
+                                 dead_letter_of, dead_letter_from)
+        SELECT u.dead_letter, u.data, u.priority, u.last_error,
+               u.errors || jsonb_build_array(jsonb_build_object(
+                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id)),
+               u.id, u.queue
+          FROM updated u
+         WHERE u.exhausted AND u.dead_letter IS NOT NULL
+    )
+    SELECT u.id, u.state, u.run_at FROM updated u
+$fn$;
+
+-- Moves up to max_jobs waiting dead letters of a dead-letter queue back to
+-- the queues they came from, as fresh jobs (attempts reset, history kept),
+-- and wakes those queues. Returns how many moved.
+CREATE FUNCTION pgtasks.redrive(dead_letter_queue text, max_jobs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    moved integer;
+    origins text[];
+    origin text;
+BEGIN
+    WITH picked AS (
+        SELECT id FROM pgtasks.job
+         WHERE queue = dead_letter_queue AND state IN ('created', 'retry')
+           AND dead_letter_from IS NOT NULL
+         ORDER BY id
+         LIMIT max_jobs
+           FOR UPDATE SKIP LOCKED
+    ), moved_rows AS (
+        UPDATE pgtasks.job j
+           SET queue = j.dead_letter_from, state = 'created', attempt = 0, max_attempts = NULL,
+               run_at = now(), dead_letter_from = NULL,
+               errors = coalesce(j.errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object(
+                   'at', now(), 'error', 'redriven from ' || dead_letter_queue))
+          FROM picked
+         WHERE j.id = picked.id
+        RETURNING j.queue
+    )
+    SELECT count(*), array_agg(DISTINCT queue) INTO moved, origins FROM moved_rows;
+    FOREACH origin IN ARRAY coalesce(origins, '{}') LOOP
+        PERFORM pg_notify('pgtasks.' || origin, '');
+    END LOOP;
+    RETURN moved;
+END
+$fn$;
 
 -- Cron schedules. The maintenance leader enqueues each due run once: the job
 -- carries singleton_key 'schedule:<name>' and singleton_on = the scheduled

@@ -90,6 +90,33 @@ pub struct JobRecord {
     /// `[{"attempt", "at", "error"}]`, oldest first.
     #[schema(value_type = Option<Vec<Object>>)]
     pub errors: Option<Value>,
+    /// `{"percent", "message", "at"}` as last reported by the handler.
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<Value>,
+    /// For a dead letter: the id of the job that exhausted its attempts.
+    #[serde(serialize_with = "optional_id_as_string")]
+    #[schema(value_type = Option<String>)]
+    pub dead_letter_of: Option<i64>,
+}
+
+impl JobState {
+    /// Completed, failed or cancelled: nothing more will happen on its own.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+fn optional_id_as_string<S: serde::Serializer>(
+    id: &Option<i64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => serializer.collect_str(id),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn id_as_string<S: serde::Serializer>(id: &i64, serializer: S) -> Result<S::Ok, S::Error> {

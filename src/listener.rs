@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL};
+use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL, DONE_CHANNEL};
 
 /// What the rest of the process may know about the listener: `/ready` and
 /// metrics read it.
@@ -129,7 +129,7 @@ impl Listener {
             .wakeups
             .queues()
             .map(channel_name)
-            .chain([CANCEL_CHANNEL.to_string()])
+            .chain([CANCEL_CHANNEL.to_string(), DONE_CHANNEL.to_string()])
             .map(|channel| format!("LISTEN {};", quote_ident(&channel)))
             .collect();
         self.drive(client.batch_execute(&listen), &mut messages)
@@ -192,6 +192,10 @@ impl Listener {
         message: Option<Result<AsyncMessage, tokio_postgres::Error>>,
     ) -> Result<(), SessionError> {
         match message {
+            Some(Ok(AsyncMessage::Notification(n))) if n.channel() == DONE_CHANNEL => {
+                self.wakeups.finished().finished(n.payload());
+                Ok(())
+            }
             Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CANCEL_CHANNEL => {
                 if let Ok(id) = n.payload().parse::<i64>() {
                     if self.wakeups.running().cancel(id) {

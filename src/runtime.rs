@@ -173,7 +173,9 @@ impl Runtime {
             tasks.spawn(maintenance.run(shutdown.clone()));
         }
 
-        if !handlers.is_empty() {
+        // The listener wakes this process's workers, stops cancelled jobs,
+        // and ends `?wait=` requests; an API-only process needs it too.
+        if !handlers.is_empty() || self.run_api {
             if config.worker.listen {
                 let url = config
                     .database
@@ -207,13 +209,22 @@ impl Runtime {
                     config.worker.poll_interval
                 );
             }
+        }
 
+        if !handlers.is_empty() {
             let capacity = handlers
                 .keys()
                 .map(|q| config.queues[q].concurrency)
                 .sum::<usize>()
                 .max(64);
-            let (completer, acks) = Completer::new(pool.clone(), wakeups.clone(), capacity);
+            let discard = config
+                .queues
+                .iter()
+                .filter(|(_, q)| q.retention.is_zero())
+                .map(|(name, _)| name.clone())
+                .collect();
+            let (completer, acks) =
+                Completer::new(pool.clone(), wakeups.clone(), discard, capacity);
             let give_up = CancellationToken::new();
             let completer_done = tasks.spawn(completer.run(give_up.clone()));
 
@@ -283,7 +294,8 @@ impl Runtime {
                 submitter,
                 listener_status,
                 shutdown.clone(),
-            );
+            )
+            .with_finished(wakeups.finished().clone());
             let addr = (config.api.host.clone(), config.api.port);
             let server = Server::bind(addr.clone(), api::routes(state))
                 .await

@@ -338,7 +338,8 @@ macro_rules! job_columns {
     () => {
         "j.id, j.queue, j.state, j.priority, j.data, j.attempt,
          coalesce(j.max_attempts, q.retry_limit + 1), j.singleton_key, j.run_at, j.created_at,
-         j.started_at, j.completed_at, j.lease_until, j.output, j.last_error, j.errors"
+         j.started_at, j.completed_at, j.lease_until, j.output, j.last_error, j.errors,
+         j.progress, j.dead_letter_of"
     };
 }
 
@@ -360,6 +361,8 @@ fn job_record(row: &tokio_postgres::Row) -> JobRecord {
         output: row.get(13),
         last_error: row.get(14),
         errors: row.get(15),
+        progress: row.get(16),
+        dead_letter_of: row.get(17),
     }
 }
 
@@ -770,5 +773,43 @@ pub async fn set_schedule_run(
     client
         .execute(&statement, &[&name, &next_run_at, &ran_at, &job_id, &error])
         .await?;
+    Ok(())
+}
+
+const REDRIVE: &str = "SELECT pgtasks.redrive($1, $2)";
+
+/// Moves up to `max` waiting dead letters back to their queues; returns how many.
+pub async fn redrive(
+    client: &impl GenericClient,
+    dead_letter_queue: &str,
+    max: i32,
+) -> Result<i32, Error> {
+    let statement = client.prepare_cached(REDRIVE).await?;
+    Ok(client
+        .query_one(&statement, &[&dead_letter_queue, &max])
+        .await?
+        .get(0))
+}
+
+const NOTIFY_FINISHED: &str = "SELECT pg_notify('pgtasks:done', $1)";
+
+/// Tells waiting API requests (any instance) that these jobs finished.
+/// Payloads stay well under Postgres's 8000-byte limit.
+pub async fn notify_finished(client: &impl GenericClient, ids: &[i64]) -> Result<(), Error> {
+    let statement = client.prepare_cached(NOTIFY_FINISHED).await?;
+    let mut payload = String::new();
+    for id in ids {
+        if payload.len() > 7000 {
+            client.execute(&statement, &[&payload]).await?;
+            payload.clear();
+        }
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(&id.to_string());
+    }
+    if !payload.is_empty() {
+        client.execute(&statement, &[&payload]).await?;
+    }
     Ok(())
 }

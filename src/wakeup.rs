@@ -90,12 +90,87 @@ impl RunningJobs {
     }
 }
 
+/// API requests waiting for jobs to finish (`GET /api/jobs/{id}?wait=`),
+/// woken by `pgtasks:done` notifications.
+#[derive(Debug, Default, Clone)]
+pub struct FinishedJobs {
+    waiters: Arc<Mutex<HashMap<i64, (Arc<Notify>, usize)>>>,
+}
+
+/// One request's interest in a job; dropping it withdraws the interest.
+pub struct FinishWatch {
+    id: i64,
+    notify: Arc<Notify>,
+    jobs: FinishedJobs,
+}
+
+impl FinishWatch {
+    /// Waits for the job's `done` notification. Register before reading the
+    /// job's state so a finish in between is not missed: `Notify` keeps it.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for FinishWatch {
+    fn drop(&mut self) {
+        if let Ok(mut waiters) = self.jobs.waiters.lock() {
+            if let Some((_, count)) = waiters.get_mut(&self.id) {
+                *count -= 1;
+                if *count == 0 {
+                    waiters.remove(&self.id);
+                }
+            }
+        }
+    }
+}
+
+impl FinishedJobs {
+    pub fn watch(&self, id: i64) -> FinishWatch {
+        let notify = match self.waiters.lock() {
+            Ok(mut waiters) => {
+                let entry = waiters
+                    .entry(id)
+                    .or_insert_with(|| (Arc::new(Notify::new()), 0));
+                entry.1 += 1;
+                entry.0.clone()
+            }
+            Err(_) => Arc::new(Notify::new()),
+        };
+        FinishWatch {
+            id,
+            notify,
+            jobs: self.clone(),
+        }
+    }
+
+    /// A `pgtasks:done` payload: comma-separated job ids.
+    pub fn finished(&self, payload: &str) {
+        let Ok(waiters) = self.waiters.lock() else {
+            return;
+        };
+        if waiters.is_empty() {
+            return;
+        }
+        for id in payload
+            .split(',')
+            .filter_map(|p| p.trim().parse::<i64>().ok())
+        {
+            if let Some((notify, _)) = waiters.get(&id) {
+                notify.notify_waiters();
+                notify.notify_one();
+            }
+        }
+    }
+}
+
 /// Every queue's wakeup line, keyed by queue name, and the running jobs.
 /// Built once at startup.
 #[derive(Debug, Default, Clone)]
 pub struct Wakeups {
     queues: Arc<HashMap<String, Arc<QueueWakeup>>>,
     running: RunningJobs,
+    finished: FinishedJobs,
 }
 
 impl Wakeups {
@@ -108,7 +183,12 @@ impl Wakeups {
                     .collect(),
             ),
             running: RunningJobs::default(),
+            finished: FinishedJobs::default(),
         }
+    }
+
+    pub fn finished(&self) -> &FinishedJobs {
+        &self.finished
     }
 
     pub fn running(&self) -> &RunningJobs {
@@ -141,6 +221,9 @@ impl Wakeups {
 
 /// The payload the triggers send for rows that are due later.
 pub const SCHEDULED_PAYLOAD: &str = "scheduled";
+
+/// Carries comma-separated ids of jobs that finished.
+pub const DONE_CHANNEL: &str = "pgtasks:done";
 
 /// Carries the id of a running job that was cancelled.
 pub const CANCEL_CHANNEL: &str = "pgtasks:cancel";

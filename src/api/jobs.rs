@@ -168,6 +168,48 @@ pub async fn get(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
     Ok(warp::reply::json(&JobResponse { success: true, job }))
 }
 
+/// Longest `?wait=` accepted.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `GET /api/jobs/{id}?wait=30s`: answers when the job has finished or the
+/// wait is over, whichever comes first. Woken by the `pgtasks:done`
+/// notification; the job is re-read at most once a second besides, in case
+/// a notification was missed.
+pub async fn get_waiting(
+    state: ApiState,
+    id: i64,
+    wait: Option<String>,
+) -> Result<warp::reply::Response, ApiError> {
+    use warp::Reply as _;
+    let Some(wait) = wait else {
+        return Ok(get(state, id).await?.into_response());
+    };
+    let wait = crate::config::parse_duration(&wait)
+        .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
+        .min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    // Registered before the first read, so a finish in between is kept.
+    let watch = state.finished.watch(id);
+    loop {
+        let job = {
+            let client = state.pool.get().await?;
+            store::get_job(&client, id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?
+        };
+        let now = tokio::time::Instant::now();
+        if job.state.is_finished() || now >= deadline || state.shutdown.is_cancelled() {
+            return Ok(warp::reply::json(&JobResponse { success: true, job }).into_response());
+        }
+        let nap = (deadline - now).min(std::time::Duration::from_secs(1));
+        tokio::select! {
+            _ = watch.notified() => {}
+            _ = tokio::time::sleep(nap) => {}
+            _ = state.shutdown.cancelled() => {}
+        }
+    }
+}
+
 /// `POST /api/jobs/{id}/cancel`: a waiting or running job.
 pub async fn cancel(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
     let client = state.pool.get().await?;

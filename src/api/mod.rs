@@ -10,16 +10,19 @@
 //! | POST | `/api/jobs/{route}` | seed-compatible submit (body = data) |
 //! | POST | `/api/queues/{queue}/jobs` | submit with options |
 //! | POST | `/api/queues/{queue}/jobs/batch` | many jobs, one transaction |
-//! | GET | `/api/jobs/{id}` | a job |
+//! | GET | `/api/jobs/{id}` | a job; `?wait=30s` long-polls until it finishes |
 //! | POST | `/api/jobs/{id}/cancel`, `/retry`, `/resume` | |
 //! | POST | `/api/queues/{queue}/pause`, `/resume` | |
 //! | GET | `/api/queues` | counts per state |
+//! | POST | `/api/queues/{queue}/redrive` | dead letters back to their queues |
+//! | GET, PUT, DELETE | `/api/schedules`, `/api/schedules/{name}` | cron schedules |
 //! | GET | `/api/openapi.json` | this API, described |
 
 pub mod body;
 pub mod error;
 pub mod jobs;
 pub mod openapi;
+pub mod schedules;
 pub mod system;
 
 use std::collections::HashMap;
@@ -39,6 +42,7 @@ use warp::{Filter, Reply};
 use crate::config::Config;
 use crate::listener::ListenerStatus;
 use crate::submit::Submitter;
+use crate::wakeup::FinishedJobs;
 use error::ApiError;
 
 /// What every handler may use. Cheap to clone.
@@ -54,6 +58,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     pub metrics_require_token: bool,
     pub max_body_bytes: u64,
+    /// Where `?wait=` requests learn that their job finished.
+    pub finished: FinishedJobs,
 }
 
 impl ApiState {
@@ -78,7 +84,15 @@ impl ApiState {
             token: config.api.token.as_deref().map(Arc::from),
             metrics_require_token: config.api.metrics_require_token,
             max_body_bytes: config.api.max_body_bytes,
+            finished: FinishedJobs::default(),
         }
+    }
+
+    /// Lets `?wait=` requests be woken by this process's listener (without
+    /// one they re-read the job every second).
+    pub fn with_finished(mut self, finished: FinishedJobs) -> Self {
+        self.finished = finished;
+        self
     }
 }
 
@@ -117,7 +131,30 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     let get_job = warp::path!("jobs" / i64)
         .and(warp::get())
         .and(with_state.clone())
-        .then(|id, s| async move { respond(jobs::get(s, id).await) });
+        .and(warp::query::<HashMap<String, String>>())
+        .then(|id, s, q: HashMap<String, String>| async move {
+            respond(jobs::get_waiting(s, id, q.get("wait").cloned()).await)
+        });
+    let redrive = warp::path!("queues" / String / "redrive")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .then(|q, s, params: HashMap<String, String>| async move {
+            respond(system::redrive(s, q, params.get("max").cloned()).await)
+        });
+    let schedules = warp::path!("schedules")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|s| async move { respond(schedules::list(s).await) });
+    let put_schedule = warp::path!("schedules" / String)
+        .and(warp::put())
+        .and(with_state.clone())
+        .and(body.clone())
+        .then(|n, s, b| async move { respond(schedules::put(s, n, b).await) });
+    let delete_schedule = warp::path!("schedules" / String)
+        .and(warp::delete())
+        .and(with_state.clone())
+        .then(|n, s| async move { respond(schedules::delete(s, n).await) });
     let cancel = warp::path!("jobs" / i64 / "cancel")
         .and(warp::post())
         .and(with_state.clone())
@@ -157,37 +194,37 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
             .into_response()
     });
 
-    let api = warp::path("api").and(authorized(state.token.clone())).and(
-        submit_by_route
-            .or(get_job)
-            .unify()
-            .or(cancel)
-            .unify()
-            .or(retry)
-            .unify()
-            .or(resume)
-            .unify()
-            .or(pause_queue)
-            .unify()
-            .or(resume_queue)
-            .unify()
-            .or(submit_to_queue)
-            .unify()
-            .or(submit_batch)
-            .unify()
-            .or(queues)
-            .unify()
-            .or(openapi)
-            .unify(),
-    );
+    // Each route is boxed before they are combined: one nested filter type
+    // over a dozen routes makes the compiler crawl.
+    let api_routes = [
+        submit_by_route.boxed(),
+        get_job.boxed(),
+        cancel.boxed(),
+        retry.boxed(),
+        resume.boxed(),
+        pause_queue.boxed(),
+        resume_queue.boxed(),
+        redrive.boxed(),
+        schedules.boxed(),
+        put_schedule.boxed(),
+        delete_schedule.boxed(),
+        submit_to_queue.boxed(),
+        submit_batch.boxed(),
+        queues.boxed(),
+        openapi.boxed(),
+    ]
+    .into_iter()
+    .reduce(|a, b| a.or(b).unify().boxed())
+    .expect("at least one route");
+    let api = warp::path("api")
+        .and(authorized(state.token.clone()))
+        .and(api_routes)
+        .boxed();
 
-    health
-        .or(ready)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(api)
-        .unify()
+    [health.boxed(), ready.boxed(), metrics.boxed(), api]
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("at least one route")
         .recover(error::recover)
         .unify()
         .with(warp::log::custom(|info| {
@@ -254,6 +291,9 @@ pub fn route_label(method: &str, path: &str) -> &'static str {
         (_, ["api", "jobs", _, "resume"]) => "/api/jobs/{id}/resume",
         (_, ["api", "queues", _, "pause"]) => "/api/queues/{queue}/pause",
         (_, ["api", "queues", _, "resume"]) => "/api/queues/{queue}/resume",
+        (_, ["api", "queues", _, "redrive"]) => "/api/queues/{queue}/redrive",
+        (_, ["api", "schedules"]) => "/api/schedules",
+        (_, ["api", "schedules", _]) => "/api/schedules/{name}",
         ("POST", ["api", "jobs", _]) => "/api/jobs/{route}",
         (_, ["api", "jobs", _]) => "/api/jobs/{id}",
         _ => "other",

@@ -8,9 +8,10 @@ use utoipa::OpenApi;
 
 use super::error::ErrorBody;
 use super::jobs::{BatchRequest, JobResponse, SubmitRequest, Submitted, SubmittedBatch};
+use super::schedules::ScheduleRequest;
 use super::system::{Health, QueueList, Readiness};
 use crate::job::JobRecord;
-use crate::store::QueueSummary;
+use crate::store::{QueueSummary, ScheduleRecord};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,7 +30,14 @@ use crate::store::QueueSummary;
         get_job,
         cancel_job,
         retry_job,
+        resume_job,
+        pause_queue,
+        resume_queue,
+        redrive,
         list_queues,
+        list_schedules,
+        put_schedule,
+        delete_schedule,
         openapi_json
     ),
     components(schemas(
@@ -43,7 +51,9 @@ use crate::store::QueueSummary;
         Health,
         Readiness,
         QueueList,
-        QueueSummary
+        QueueSummary,
+        ScheduleRequest,
+        ScheduleRecord
     ))
 )]
 pub struct ApiDoc;
@@ -102,7 +112,8 @@ fn submit_to_queue() {}
 fn submit_batch() {}
 
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id")),
+    params(("id" = String, Path, description = "Job id"),
+           ("wait" = Option<String>, Query, description = "Long-poll up to this long (e.g. 30s, max 300s) until the job has finished")),
     responses((status = 200, body = JobResponse), (status = 404, body = ErrorBody)))]
 fn get_job() {}
 
@@ -149,3 +160,27 @@ fn list_queues() {}
 #[utoipa::path(get, path = "/api/openapi.json", tag = "system",
     responses((status = 200, description = "This document")))]
 fn openapi_json() {}
+
+#[utoipa::path(post, path = "/api/queues/{queue}/redrive", tag = "queues",
+    description = "Moves waiting dead letters of this dead-letter queue back to the queues they came from.",
+    params(("queue" = String, Path, description = "Dead-letter queue"),
+           ("max" = Option<i32>, Query, description = "At most this many (default 1000)")),
+    responses((status = 200, description = "`{\"success\":true,\"moved\":n}`"), (status = 400, body = ErrorBody)))]
+fn redrive() {}
+
+#[utoipa::path(get, path = "/api/schedules", tag = "schedules",
+    responses((status = 200, description = "`{\"success\":true,\"schedules\":[…]}`")))]
+fn list_schedules() {}
+
+#[utoipa::path(put, path = "/api/schedules/{name}", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    request_body = ScheduleRequest,
+    responses((status = 200, description = "Saved; the next run is computed within a second"),
+              (status = 400, description = "Bad cron expression or zone, naming the field", body = ErrorBody),
+              (status = 404, description = "Unknown queue", body = ErrorBody)))]
+fn put_schedule() {}
+
+#[utoipa::path(delete, path = "/api/schedules/{name}", tag = "schedules",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses((status = 200, description = "Deleted"), (status = 404, body = ErrorBody)))]
+fn delete_schedule() {}

@@ -107,3 +107,25 @@ pub async fn set_paused(
         &serde_json::json!({ "success": true, "queue": summary }),
     ))
 }
+
+/// `POST /api/queues/{queue}/redrive?max=1000`: waiting dead letters of this
+/// dead-letter queue go back to the queues they came from.
+pub async fn redrive(
+    state: ApiState,
+    queue: String,
+    max: Option<String>,
+) -> Result<impl Reply, ApiError> {
+    let max = match max {
+        None => 1000,
+        Some(m) => m
+            .parse::<i32>()
+            .ok()
+            .filter(|m| *m >= 1)
+            .ok_or_else(|| ApiError::bad_request("max: must be a positive integer"))?,
+    };
+    let client = state.pool.get().await?;
+    let moved = store::redrive(&client, &queue, max).await?;
+    Ok(warp::reply::json(
+        &serde_json::json!({ "success": true, "moved": moved }),
+    ))
+}

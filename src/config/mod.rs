@@ -483,6 +483,16 @@ pub fn validate_queue_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses `250ms`, `30s`, `5m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("`{text}` is not a duration"));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration ({e})"))
+}
+
 /// Durations as humantime strings (`250ms`, `5s`, `7d`) or a number of seconds.
 pub mod duration {
     use std::time::Duration;

@@ -7,7 +7,7 @@
 //! dropped) until it succeeds or the process gives up at the end of shutdown,
 //! in which case the jobs' leases expire and the rescuer retries them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,16 +50,24 @@ pub struct Completer {
     pool: Pool,
     wakeups: Wakeups,
     acks: mpsc::Receiver<Ack>,
+    /// Queues with retention 0: their completed jobs are deleted, not kept.
+    discard: HashSet<String>,
 }
 
 impl Completer {
-    pub fn new(pool: Pool, wakeups: Wakeups, capacity: usize) -> (Completer, AckSender) {
+    pub fn new(
+        pool: Pool,
+        wakeups: Wakeups,
+        discard: HashSet<String>,
+        capacity: usize,
+    ) -> (Completer, AckSender) {
         let (tx, rx) = mpsc::channel(capacity);
         (
             Completer {
                 pool,
                 wakeups,
                 acks: rx,
+                discard,
             },
             tx,
         )
@@ -98,12 +106,14 @@ impl Completer {
     async fn write(&self, batch: &[Ack]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let client = self.pool.get().await?;
         let mut completed = Columns::default();
+        let mut discarded = Columns::default();
         let mut failed = Columns::default();
         let mut released = Columns::default();
         let mut outputs = Vec::new();
         let mut failures = Vec::new();
         for ack in batch {
             match &ack.outcome {
+                Outcome::Completed(_) if self.discard.contains(&*ack.queue) => discarded.push(ack),
                 Outcome::Completed(output) => {
                     completed.push(ack);
                     outputs.push(output.clone());
@@ -122,8 +132,14 @@ impl Completer {
                 Outcome::Released => released.push(ack),
             }
         }
+        let mut finished = Vec::new();
+        if !discarded.ids.is_empty() {
+            store::delete_completed(&client, &discarded.ids, &discarded.attempts).await?;
+            finished.extend_from_slice(&discarded.ids);
+        }
         if !completed.ids.is_empty() {
             store::complete_jobs(&client, &completed.ids, &completed.attempts, &outputs).await?;
+            finished.extend_from_slice(&completed.ids);
             for ack in batch
                 .iter()
                 .filter(|a| matches!(a.outcome, Outcome::Completed(_)))
@@ -154,12 +170,17 @@ impl Completer {
                 } else {
                     metrics::counter!("pgtasks_jobs_failed_total", "queue" => queue.to_string())
                         .increment(1);
+                    finished.push(result.id);
                 }
             }
         }
         if !released.ids.is_empty() {
             let n = store::release_jobs(&client, &released.ids, &released.attempts).await?;
             debug!(released = n, "released running jobs back to their queues");
+        }
+        if !finished.is_empty() {
+            // Wakes `?wait=` requests on any instance; the outcome is already committed.
+            store::notify_finished(&client, &finished).await?;
         }
         Ok(())
     }

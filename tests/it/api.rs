@@ -400,6 +400,17 @@ async fn openapi_document_lists_every_route() {
         ("get", "/api/jobs/{id}", "/api/jobs/1"),
         ("post", "/api/jobs/{id}/cancel", "/api/jobs/1/cancel"),
         ("post", "/api/jobs/{id}/retry", "/api/jobs/1/retry"),
+        ("post", "/api/jobs/{id}/resume", "/api/jobs/1/resume"),
+        ("post", "/api/queues/{queue}/pause", "/api/queues/q/pause"),
+        ("post", "/api/queues/{queue}/resume", "/api/queues/q/resume"),
+        (
+            "post",
+            "/api/queues/{queue}/redrive",
+            "/api/queues/q/redrive",
+        ),
+        ("get", "/api/schedules", "/api/schedules"),
+        ("put", "/api/schedules/{name}", "/api/schedules/s"),
+        ("delete", "/api/schedules/{name}", "/api/schedules/s"),
         ("get", "/api/queues", "/api/queues"),
         ("get", "/api/openapi.json", "/api/openapi.json"),
     ];

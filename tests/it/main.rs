@@ -5,6 +5,7 @@ mod api;
 mod command;
 mod config;
 mod engine;
+mod features;
 mod listener;
 mod schema;
 mod shutdown;
