@@ -94,8 +94,11 @@ impl RunningJobs {
 /// woken by `pgtasks:done` notifications.
 #[derive(Debug, Default, Clone)]
 pub struct FinishedJobs {
-    waiters: Arc<Mutex<HashMap<i64, (Arc<Notify>, usize)>>>,
+    waiters: Arc<Mutex<HashMap<i64, Waiters>>>,
 }
+
+/// A job's wakeup and how many requests wait on it.
+type Waiters = (Arc<Notify>, usize);
 
 /// One request's interest in a job; dropping it withdraws the interest.
 pub struct FinishWatch {
