@@ -13,7 +13,8 @@
 #      a scratch database that is dropped afterwards;
 #   5. checks /health, Docker's HEALTHCHECK, a job submitted over HTTP (and one
 #      inserted with SQL) reaching `completed`, and a clean exit 0 on SIGTERM
-#      within `docker stop -t 30`;
+#      within `docker stop -t 30`; then the split deployment: an `api`
+#      container (on SMOKE_PORT + 1) takes a job that a `worker` container runs;
 #   6. prints the image size, the build time and a summary of every step.
 #
 # Environment: SMOKE_PORT (3901), SMOKE_IMAGE (pgtasks:smoke),
@@ -35,6 +36,7 @@ ADMIN_URL=${SMOKE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 CACHE=${SMOKE_CACHE:-/var/cache/pgtasks-smoke}
 DB=pgtasks_smoke
 CONTAINER=pgtasks-smoke
+API_PORT=$((PORT + 1))
 DB_URL=${ADMIN_URL%/*}/$DB
 STANDIN_LABEL=org.pgtasks.smoke.standin
 
@@ -99,14 +101,15 @@ summary() {
 }
 
 cleanup() {
-    local status=$?
-    if docker inspect "$CONTAINER" >/dev/null 2>&1; then
+    local status=$? c
+    for c in "$CONTAINER" "$CONTAINER-api" "$CONTAINER-worker"; do
+        docker inspect "$c" >/dev/null 2>&1 || continue
         if ((FAILED)) || ((status != 0)); then
-            log "container log (last 40 lines)"
-            docker logs --tail 40 "$CONTAINER" 2>&1 | sed 's/^/   /' || true
+            log "$c log (last 40 lines)"
+            docker logs --tail 40 "$c" 2>&1 | sed 's/^/   /' || true
         fi
-        docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
-    fi
+        docker rm -f "$c" >/dev/null 2>&1 || true
+    done
     if [[ $(state_get db_created) == 1 ]]; then
         if psql -X -q -d "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1; then
             info "dropped database $DB"
@@ -120,6 +123,8 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 # Polls `CMD...` until it succeeds or SECONDS pass: `wait_for SECONDS CMD...`.
 # A command returning 99 gives up at once.
@@ -325,7 +330,7 @@ ensure_postgres() {
 
 create_database() {
     ensure_postgres
-    psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" \
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" \
         -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
     state_set db_created 1
     info "created $DB_URL"
@@ -334,11 +339,14 @@ create_database() {
 sql() { psql -X -q -At -v ON_ERROR_STOP=1 -d "$DB_URL" "$@"; }
 
 # ---------------------------------------------------------------- 5. run
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start_container() {
-    port_free || { echo "something already listens on 127.0.0.1:$PORT (set SMOKE_PORT)" >&2; return 1; }
-    docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    local p
+    for p in "$PORT" "$API_PORT"; do
+        port_free "$p" || { echo "something already listens on 127.0.0.1:$p (set SMOKE_PORT)" >&2; return 1; }
+    done
+    docker rm -f "$CONTAINER" "$CONTAINER-api" "$CONTAINER-worker" >/dev/null 2>&1 || true
     # --health-interval only shortens the wait; the check command is the image's.
     docker run -d --name "$CONTAINER" --network host \
         --health-interval 2s \
@@ -363,10 +371,11 @@ job_state() { sql -v id="$1" <<<"SELECT state FROM pgtasks.job WHERE id::text = 
 
 # Waits for job $1 to be completed: `wait_completed ID SECONDS`.
 wait_completed() {
-    local id=$1 state start=$SECONDS
+    local id=$1 state start
+    start=$(now_ms)
     completed() { state=$(job_state "$id"); [[ $state == completed ]]; }
     if wait_for "$2" completed; then
-        info "job $id completed after ~$((SECONDS - start))s"
+        info "job $id completed (seen by polling psql within $(($(now_ms) - start)) ms)"
     else
         echo "job $id is '${state:-missing}' after $2s" >&2
         return 1
@@ -381,10 +390,10 @@ sql_job() {
 }
 
 health_endpoint() {
-    local body=
-    ok() { body=$(curl -fsS -m 2 "http://127.0.0.1:$PORT/health" 2>/dev/null); }
+    local port=${1:-$PORT} body=
+    ok() { body=$(curl -fsS -m 2 "http://127.0.0.1:$port/health" 2>/dev/null); }
     if ! wait_for 30 ok; then
-        echo "GET http://127.0.0.1:$PORT/health did not answer 200 within 30s" >&2
+        echo "GET http://127.0.0.1:$port/health did not answer 200 within 30s" >&2
         return 1
     fi
     info "GET /health -> $body"
@@ -407,10 +416,12 @@ docker_health() {
     fi
 }
 
+# Submits a job over HTTP to port $1 (default $PORT) and waits for it; the id
+# is left in $STATE/http_job_id.
 http_job() {
-    local response id
+    local port=${1:-$PORT} response id
     response=$(curl -sS -m 5 -X POST -H 'Content-Type: application/json' \
-        -d '{"arg1":"read me"}' "http://127.0.0.1:$PORT/api/jobs/readme" -w '\n%{http_code}') || {
+        -d '{"arg1":"read me"}' "http://127.0.0.1:$port/api/jobs/readme" -w '\n%{http_code}') || {
         echo "POST /api/jobs/readme: no answer" >&2
         return 1
     }
@@ -419,18 +430,41 @@ http_job() {
     id=$(sed -n 's/.*"jobId" *: *"\([^"]*\)".*/\1/p' <<<"$response" | head -n 1)
     [[ -n $id && $response == *'"success":true'* && $response == *'"queue":"readme-queue"'* ]] \
         || { echo "unexpected response body" >&2; return 1; }
+    state_set http_job_id "$id"
     wait_completed "$id" 30
 }
 
 stop_container() {
-    local start=$SECONDS elapsed code
-    docker stop -t 30 "$CONTAINER" >/dev/null
-    elapsed=$((SECONDS - start))
-    code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")
-    info "docker stop -t 30: exited with $code after ${elapsed}s"
-    docker logs --tail 4 "$CONTAINER" 2>&1 | sed 's/^/   | /'
+    local c=${1:-$CONTAINER} start elapsed code
+    start=$(now_ms)
+    docker stop -t 30 "$c" >/dev/null
+    elapsed=$(($(now_ms) - start))
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$c")
+    info "docker stop -t 30 $c: exited with $code after $elapsed ms"
+    docker logs --tail 4 "$c" 2>&1 | sed 's/^/   | /'
     [[ $code == 0 ]] || { echo "exit code $code (137 would mean SIGKILL after the timeout)" >&2; return 1; }
-    ((elapsed < 30)) || { echo "took the whole timeout" >&2; return 1; }
+    ((elapsed < 30000)) || { echo "took the whole timeout" >&2; return 1; }
+}
+
+# The split deployment: `pgtasks api` takes the job, `pgtasks worker` runs it.
+split_mode() {
+    docker run -d --name "$CONTAINER-worker" --network host --no-healthcheck \
+        -e DATABASE_URL="$DB_URL" "$IMAGE" worker >/dev/null
+    docker run -d --name "$CONTAINER-api" --network host --health-interval 2s \
+        -e DATABASE_URL="$DB_URL" -e PORT="$API_PORT" "$IMAGE" api >/dev/null
+    health_endpoint "$API_PORT"
+    http_job "$API_PORT"
+    local id
+    id=$(state_get http_job_id)
+    docker logs "$CONTAINER-worker" 2>&1 | grep -q "job_id=$id " \
+        || { echo "job $id was not run by the worker container" >&2; return 1; }
+    info "job $id was run by $CONTAINER-worker"
+    if docker logs "$CONTAINER-api" 2>&1 | grep -q "processing readme job"; then
+        echo "the api container ran a job" >&2
+        return 1
+    fi
+    stop_container "$CONTAINER-api"
+    stop_container "$CONTAINER-worker"
 }
 
 # ---------------------------------------------------------------- run
@@ -445,3 +479,4 @@ step "GET /health answers {\"status\":\"ok\"}" health_endpoint || true
 step "Docker HEALTHCHECK (pgtasks healthcheck) reports healthy" docker_health || true
 step "POST /api/jobs/readme job reaches completed" http_job || true
 step "SIGTERM: docker stop -t 30 exits 0 in time" stop_container || true
+step "split: 'pgtasks api' (PORT=$API_PORT) takes a job, 'pgtasks worker' runs it; both stop with 0" split_mode || true
