@@ -285,17 +285,35 @@ ensure_base_images() {
 }
 
 # ---------------------------------------------------------------- 3. build
+# The classic builder leaves a multi-stage build's build stage untagged, so a
+# prune would drop its layer cache while every rebuild leaves a stale copy
+# behind (on vfs, a full copy per layer). So: the build stage is built and
+# tagged first ($IMAGE-build), then the image; afterwards the images these two
+# tags pointed to before are removed, with their untagged layers.
 build_image() {
-    local start=$SECONDS
-    local -a flags=(--network host -f docker/Dockerfile -t "$IMAGE")
+    local start=$SECONDS old_ids new_ids id target tag
+    old_ids=$(docker image inspect -f '{{.Id}}' "$IMAGE-build" "$IMAGE" 2>/dev/null || true)
+    local -a flags=(--network host -f docker/Dockerfile)
     [[ -n ${SMOKE_NO_CACHE:-} ]] && flags+=(--no-cache)
-    info "DOCKER_BUILDKIT=0 docker build ${flags[*]} .  (log: $CACHE/build.log)"
-    if ! DOCKER_BUILDKIT=0 docker build "${flags[@]}" . >"$CACHE/build.log" 2>&1; then
-        tail -n 40 "$CACHE/build.log" >&2
-        return 1
-    fi
+    : >"$CACHE/build.log"
+    for target in build runtime; do
+        tag=$IMAGE
+        [[ $target == build ]] && tag=$IMAGE-build
+        info "DOCKER_BUILDKIT=0 docker build ${flags[*]} --target $target -t $tag .  (log: $CACHE/build.log)"
+        if ! DOCKER_BUILDKIT=0 docker build "${flags[@]}" --target "$target" -t "$tag" . >>"$CACHE/build.log" 2>&1; then
+            tail -n 40 "$CACHE/build.log" >&2
+            return 1
+        fi
+    done
     state_set build_seconds $((SECONDS - start))
-    info "built in $((SECONDS - start))s ($(grep -c 'Using cache' "$CACHE/build.log" || true) cached steps)"
+    info "built in $((SECONDS - start))s ($(grep -c 'Using cache' "$CACHE/build.log" || true) of $(grep -c '^Step ' "$CACHE/build.log" || true) steps cached)"
+    new_ids=$(docker image inspect -f '{{.Id}}' "$IMAGE-build" "$IMAGE")
+    for id in $old_ids; do
+        grep -qx "$id" <<<"$new_ids" && continue
+        if docker rmi "$id" >/dev/null 2>&1; then
+            info "removed the previous build's image ${id:7:12}"
+        fi
+    done
 }
 
 inspect_image() {
