@@ -15,6 +15,9 @@
 #      inserted with SQL) reaching `completed`, and a clean exit 0 on SIGTERM
 #      within `docker stop -t 30`; then the split deployment: an `api`
 #      container (on SMOKE_PORT + 1) takes a job that a `worker` container runs;
+#      a command-handler job that leaves a process behind shows whether zombies
+#      collect: reported for the binary as PID 1, a failure under --init (which
+#      the compose file uses);
 #   6. prints the image size, the build time and a summary of every step.
 #
 # Environment: SMOKE_PORT (3901), SMOKE_IMAGE (pgtasks:smoke),
@@ -37,6 +40,14 @@ CACHE=${SMOKE_CACHE:-/var/cache/pgtasks-smoke}
 DB=pgtasks_smoke
 CONTAINER=pgtasks-smoke
 API_PORT=$((PORT + 1))
+# A command-handler queue whose program leaves a process behind: once the
+# program exits its group is killed, and the orphan is re-parented to PID 1.
+CMD_QUEUE=smoke_cmd
+CMD_ENV=(
+    -e PGTASKS_QUEUES__SMOKE_CMD__HANDLER__KIND=command
+    -e PGTASKS_QUEUES__SMOKE_CMD__HANDLER__PROGRAM=sh
+    -e 'PGTASKS_QUEUES__SMOKE_CMD__HANDLER__ARGS=["-c", "sleep 60 & echo {}"]'
+)
 DB_URL=${ADMIN_URL%/*}/$DB
 STANDIN_LABEL=org.pgtasks.smoke.standin
 
@@ -371,6 +382,7 @@ start_container() {
         -e DATABASE_URL="$DB_URL" \
         -e PORT="$PORT" \
         -e PGTASKS_WORKER__SHUTDOWN_GRACE=5s \
+        "${CMD_ENV[@]}" \
         "$IMAGE" serve >/dev/null
     schema_ready() {
         [[ $(docker inspect -f '{{.State.Running}}' "$CONTAINER") == true ]] || {
@@ -401,10 +413,28 @@ wait_completed() {
 }
 
 sql_job() {
-    local id
-    id=$(sql -c "INSERT INTO pgtasks.job (queue, data) VALUES ('readme-queue', '{\"arg1\":\"read me (sql)\"}') RETURNING id" | head -n 1)
-    info "inserted job $id with SQL"
+    local queue=${1:-readme-queue} id
+    id=$(sql -v queue="$queue" <<<"INSERT INTO pgtasks.job (queue, data) VALUES (:'queue', '{\"arg1\":\"read me (sql)\"}') RETURNING id" | head -n 1)
+    info "inserted job $id into $queue with SQL"
     wait_completed "$id" 30
+}
+
+zombies() {
+    docker exec "$1" sh -c 'grep -l "^State:[[:space:]]*Z" /proc/[0-9]*/status 2>/dev/null | wc -l'
+}
+
+# Runs a job of $CMD_QUEUE in container $1 and prints how many zombies it holds
+# a moment later; `expect_none` makes any zombie a failure.
+command_job_zombies() {
+    local c=$1 expect=${2:-} n=0
+    sql_job "$CMD_QUEUE"
+    some() { n=$(zombies "$c"); ((n > 0)); }
+    wait_for 3 some || true
+    info "zombie processes in $c after a command job left one behind: $n"
+    if [[ $expect == expect_none ]] && ((n > 0)); then
+        echo "zombies under --init: nothing reaps" >&2
+        return 1
+    fi
 }
 
 health_endpoint() {
@@ -466,9 +496,10 @@ stop_container() {
 
 # The split deployment: `pgtasks api` takes the job, `pgtasks worker` runs it.
 split_mode() {
-    docker run -d --name "$CONTAINER-worker" --network host --no-healthcheck \
-        -e DATABASE_URL="$DB_URL" "$IMAGE" worker >/dev/null
-    docker run -d --name "$CONTAINER-api" --network host --health-interval 2s \
+    # As in the compose file: --init, and no health check for the worker.
+    docker run -d --name "$CONTAINER-worker" --network host --init --no-healthcheck \
+        -e DATABASE_URL="$DB_URL" "${CMD_ENV[@]}" "$IMAGE" worker >/dev/null
+    docker run -d --name "$CONTAINER-api" --network host --init --health-interval 2s \
         -e DATABASE_URL="$DB_URL" -e PORT="$API_PORT" "$IMAGE" api >/dev/null
     health_endpoint "$API_PORT"
     http_job "$API_PORT"
@@ -481,6 +512,7 @@ split_mode() {
         echo "the api container ran a job" >&2
         return 1
     fi
+    command_job_zombies "$CONTAINER-worker" expect_none
     stop_container "$CONTAINER-api"
     stop_container "$CONTAINER-worker"
 }
@@ -496,5 +528,6 @@ step "job inserted with SQL reaches completed" sql_job || true
 step "GET /health answers {\"status\":\"ok\"}" health_endpoint || true
 step "Docker HEALTHCHECK (pgtasks healthcheck) reports healthy" docker_health || true
 step "POST /api/jobs/readme job reaches completed" http_job || true
+step "command job with the binary as PID 1 (zombies reported, not judged)" command_job_zombies "$CONTAINER" || true
 step "SIGTERM: docker stop -t 30 exits 0 in time" stop_container || true
-step "split: 'pgtasks api' (PORT=$API_PORT) takes a job, 'pgtasks worker' runs it; both stop with 0" split_mode || true
+step "split (--init, as compose): 'pgtasks api' (PORT=$API_PORT) takes a job, 'pgtasks worker' runs it and a command job without leaving zombies; both stop with 0" split_mode || true
