@@ -68,11 +68,21 @@ pub fn run(files: &[PathBuf]) -> anyhow::Result<()> {
             println!("- {m}");
         }
     }
-    for line in lines.iter().filter(|l| l["metric"] == "insert_commit") {
+    let reference: Vec<String> = lines
+        .iter()
+        .filter(|l| l["metric"] == "insert_commit")
+        .map(|l| {
+            format!(
+                "{} tps with {} client(s)",
+                fmt(num(l, &["tps"]).unwrap_or(f64::NAN)),
+                l["clients"]
+            )
+        })
+        .collect();
+    if !reference.is_empty() {
         println!(
-            "\nPostgreSQL reference in this run: single-row INSERT commits, {} client(s): {} tps",
-            line["clients"],
-            fmt(num(line, &["tps"]).unwrap_or(f64::NAN))
+            "\nPostgreSQL reference in this run (pgbench, single-row INSERT commits): {}",
+            reference.join(", ")
         );
     }
     Ok(())

@@ -293,7 +293,7 @@ async fn pickup(
                 rate,
                 n,
                 producers: if rate > 50.0 {
-                    args.producers.unwrap_or(4)
+                    args.producers.unwrap_or(8)
                 } else {
                     1
                 },
