@@ -116,7 +116,7 @@ struct DrainArgs {
     /// Queues the jobs are spread over. Default 1.
     #[arg(long)]
     queues: Option<usize>,
-    /// Give up after this many seconds. Default 300.
+    /// Give up after this many seconds. Default 600.
     #[arg(long)]
     max_seconds: Option<u64>,
 }
@@ -321,7 +321,7 @@ async fn drain(
                 n,
                 queues: args.queues.unwrap_or(1),
                 concurrency,
-                max_seconds: args.max_seconds.unwrap_or(300),
+                max_seconds: args.max_seconds.unwrap_or(600),
                 scenario: "fresh".to_string(),
             };
             drain::run(report, admin, &spec).await?;
@@ -362,7 +362,7 @@ fn scale_spec(quick: bool, args: ScaleArgs) -> ScaleSpec {
         settle: Duration::from_secs(3),
         drain_n: pick(args.drain_n, quick, 20_000, 5_000),
         queues: args.queues.unwrap_or(10),
-        max_seconds: 300,
+        max_seconds: 600,
     }
 }
 
