@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::store::{self, NewJob};
 
 /// Jobs inserted by one statement at most.
-const MAX_BATCH: usize = 500;
+pub const MAX_BATCH: usize = 500;
 
 /// Why a submit failed.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ use crate::store::{self, Failure};
 use crate::wakeup::Wakeups;
 
 /// Largest number of acks written in one statement.
-const MAX_BATCH: usize = 1000;
+pub const MAX_BATCH: usize = 1000;
 
 /// How an attempt ended.
 #[derive(Debug)]

@@ -1,0 +1,199 @@
+//! Enqueue throughput, with no worker running (as in the peers' method).
+//!
+//! - Single-row: `clients` connections, each committing one
+//!   `INSERT … RETURNING id` after another for `seconds`, into
+//!   `pgtasks.job`, then the same into `bench_job_plain`, a copy of the table
+//!   (`LIKE pgtasks.job INCLUDING ALL`: columns, defaults, identity,
+//!   constraints, indexes) without triggers. The ratio is the cost of the
+//!   `job_inserted` statement trigger: the unknown-queue check and the NOTIFY.
+//! - Batch: one client, `pgtasks::store::insert_jobs` (one `INSERT … SELECT
+//!   FROM unnest(arrays)` statement) per chunk of `chunk` jobs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use pgtasks::store::{insert_jobs, NewJob};
+
+use crate::pickup::BENCH_QUEUE;
+use crate::report::Report;
+use crate::scratch::{add_queues, vacuum_analyze, with_scratch, Scratch};
+
+#[derive(Debug, Clone)]
+pub struct EnqueueSpec {
+    pub clients: usize,
+    pub seconds: f64,
+    pub batch_n: usize,
+    pub chunk: usize,
+}
+
+const INSERT_TRIGGERED: &str = "INSERT INTO pgtasks.job (queue, data) VALUES ($1, $2) RETURNING id";
+const INSERT_PLAIN: &str = "INSERT INTO bench_job_plain (queue, data) VALUES ($1, $2) RETURNING id";
+const CREATE_PLAIN: &str = "CREATE TABLE bench_job_plain (LIKE pgtasks.job INCLUDING ALL)";
+
+pub async fn run(report: &mut Report, admin_url: &str, spec: &EnqueueSpec) -> anyhow::Result<()> {
+    with_scratch(admin_url, "enqueue", |db| async move {
+        measure(report, &db, spec).await
+    })
+    .await
+}
+
+async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyhow::Result<()> {
+    let admin = db.connect().await?;
+    add_queues(&admin, &[BENCH_QUEUE.to_string()], false).await?;
+    admin
+        .batch_execute(CREATE_PLAIN)
+        .await
+        .context("creating bench_job_plain")?;
+
+    report.step(&format!(
+        "enqueue: {} clients x single-row INSERT for {} s, with and without the trigger",
+        spec.clients, spec.seconds
+    ));
+    vacuum_analyze(&admin).await?;
+    let (with_jobs, with_s) = single(db, INSERT_TRIGGERED, spec).await?;
+    vacuum_analyze(&admin).await?;
+    let (plain_jobs, plain_s) = single(db, INSERT_PLAIN, spec).await?;
+    let with_rate = with_jobs as f64 / with_s;
+    let plain_rate = plain_jobs as f64 / plain_s;
+    for (metric, table, statement, jobs, seconds, rate) in [
+        (
+            "enqueue_single",
+            "pgtasks.job",
+            INSERT_TRIGGERED,
+            with_jobs,
+            with_s,
+            with_rate,
+        ),
+        (
+            "enqueue_single_no_trigger",
+            "bench_job_plain",
+            INSERT_PLAIN,
+            plain_jobs,
+            plain_s,
+            plain_rate,
+        ),
+    ] {
+        report.emit(
+            metric,
+            json!({
+                "config": {
+                    "concurrent_clients": spec.clients,
+                    "connections": "one per client",
+                    "seconds_target": spec.seconds,
+                    "table": table,
+                    "statement": statement,
+                    "worker_running": false,
+                    "vacuumed_before": true,
+                },
+                "jobs": jobs,
+                "seconds": (seconds * 1000.0).round() / 1000.0,
+                "jobs_per_s": rate.round(),
+            }),
+        );
+    }
+    let ratio = with_rate / plain_rate;
+    report.emit(
+        "enqueue_trigger_cost",
+        json!({
+            "with_trigger_jobs_per_s": with_rate.round(),
+            "without_trigger_jobs_per_s": plain_rate.round(),
+            "ratio_with_over_without": (ratio * 1000.0).round() / 1000.0,
+            "trigger": "job_inserted: unknown-queue check + one pg_notify per queue per statement",
+        }),
+    );
+    report.note(format!(
+        "enqueue single-row, {} clients: {with_rate:.0} jobs/s into pgtasks.job, {plain_rate:.0} without the trigger (ratio {ratio:.2})",
+        spec.clients
+    ));
+
+    report.step(&format!(
+        "enqueue: batch of {} in chunks of {} via pgtasks::store::insert_jobs",
+        spec.batch_n, spec.chunk
+    ));
+    vacuum_analyze(&admin).await?;
+    let (batch_jobs, batch_s) = batch(db, spec).await?;
+    let batch_rate = batch_jobs as f64 / batch_s;
+    report.emit(
+        "enqueue_batch",
+        json!({
+            "config": {
+                "n": spec.batch_n,
+                "chunk": spec.chunk,
+                "clients": 1,
+                "api": "pgtasks::store::insert_jobs (one INSERT ... SELECT FROM unnest(arrays) per chunk)",
+                "worker_running": false,
+            },
+            "jobs": batch_jobs,
+            "seconds": (batch_s * 1000.0).round() / 1000.0,
+            "jobs_per_s": batch_rate.round(),
+        }),
+    );
+    report.note(format!(
+        "enqueue batch, chunks of {}: {batch_rate:.0} jobs/s ({batch_jobs} jobs in {batch_s:.2} s)",
+        spec.chunk
+    ));
+    Ok(())
+}
+
+/// Runs `statement` from `clients` connections until the time is up.
+/// Returns the rows inserted and the seconds from start to the last commit.
+async fn single(db: &Scratch, statement: &str, spec: &EnqueueSpec) -> anyhow::Result<(u64, f64)> {
+    let mut clients = Vec::with_capacity(spec.clients);
+    for _ in 0..spec.clients {
+        let client = db.connect().await?;
+        let prepared = client
+            .prepare(statement)
+            .await
+            .context("preparing INSERT")?;
+        clients.push((client, prepared));
+    }
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs_f64(spec.seconds);
+    let mut tasks = JoinSet::new();
+    for (client, prepared) in clients {
+        tasks.spawn(async move {
+            let mut inserted = 0u64;
+            while Instant::now() < stop_at {
+                let data = json!({ "i": inserted });
+                client.query_one(&prepared, &[&BENCH_QUEUE, &data]).await?;
+                inserted += 1;
+            }
+            anyhow::Ok(inserted)
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done.context("client task")??;
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
+}
+
+async fn batch(db: &Scratch, spec: &EnqueueSpec) -> anyhow::Result<(u64, f64)> {
+    let config = pgtasks::config::DatabaseConfig {
+        url: db.url.clone(),
+        ..Default::default()
+    };
+    let pool = pgtasks::db::create_pool(&config)?;
+    let client = pool.get().await.context("connecting")?;
+    let chunk = spec.chunk.max(1);
+    let started = Instant::now();
+    let mut inserted = 0u64;
+    for first in (0..spec.batch_n).step_by(chunk) {
+        let jobs: Vec<NewJob> = (first..(first + chunk).min(spec.batch_n))
+            .map(|i| NewJob {
+                queue: BENCH_QUEUE.to_string(),
+                data: json!({ "i": i }),
+                ..Default::default()
+            })
+            .collect();
+        inserted += insert_jobs(&client, &jobs)
+            .await
+            .context("insert_jobs")?
+            .len() as u64;
+    }
+    Ok((inserted, started.elapsed().as_secs_f64()))
+}
