@@ -33,13 +33,9 @@ pub enum SubmitError {
 }
 
 impl From<deadpool_postgres::PoolError> for SubmitError {
+    /// Failing to get a connection always means the database is unavailable.
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        match e {
-            deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => {
-                SubmitError::Db(e)
-            }
-            other => SubmitError::Unavailable(other.to_string()),
-        }
+        SubmitError::Unavailable(e.to_string())
     }
 }
 

@@ -96,11 +96,10 @@ impl From<tokio_postgres::Error> for ApiError {
 }
 
 impl From<deadpool_postgres::PoolError> for ApiError {
+    /// No connection could be had, whatever the reason: the database is
+    /// unavailable to us (down, refusing connections, or the pool is exhausted).
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        match e {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => ApiError::unavailable(format!("database unavailable: {other}")),
-        }
+        ApiError::unavailable(format!("database unavailable: {e}"))
     }
 }
 
