@@ -225,16 +225,23 @@ $step$;
 -- Step 2: per-attempt retry decisions. A handler may ask for a retry no
 -- sooner than a delay (an HTTP Retry-After) or for no retry at all (a
 -- permanent error). The three-argument fail_jobs keeps its meaning and now
--- delegates, so the policy stays in one place.
+-- delegates, so the policy stays in one place. Dead letters record their origin.
 DO $step$
 BEGIN
 IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 2) THEN
     RETURN;
 END IF;
 
+-- Dead letters remember where they came from, so they can be redriven.
+ALTER TABLE pgtasks.job
+    ADD COLUMN dead_letter_of bigint,
+    ADD COLUMN dead_letter_from text;
+
 -- As the three-argument form, plus per pair: not_before (NULL: the queue's
 -- delay; else at least this long, still capped at retry_delay_max) and
 -- final_attempts (true: fail now, whatever attempts remain; NULL is false).
+-- The dead-letter copy does not carry the singleton key: it is a new job in
+-- another queue.
 CREATE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[],
                                   not_before interval[], final_attempts boolean[])
 RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
@@ -273,10 +280,12 @@ LANGUAGE sql AS $fn$
         RETURNING j.id, j.state, j.run_at, j.queue, j.data, j.priority, j.singleton_key,
                   j.last_error, j.errors, d.exhausted, d.dead_letter
     ), dead_lettered AS (
-        INSERT INTO pgtasks.job (queue, data, priority, singleton_key, last_error, errors)
-        SELECT u.dead_letter, u.data, u.priority, u.singleton_key, u.last_error,
+        INSERT INTO pgtasks.job (queue, data, priority, last_error, errors,
+                                 dead_letter_of, dead_letter_from)
+        SELECT u.dead_letter, u.data, u.priority, u.last_error,
                u.errors || jsonb_build_array(jsonb_build_object(
-                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id))
+                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id)),
+               u.id, u.queue
           FROM updated u
          WHERE u.exhausted AND u.dead_letter IS NOT NULL
     )
@@ -491,62 +500,6 @@ CREATE TRIGGER queue_resumed
     FOR EACH ROW
     WHEN (OLD.paused AND NOT NEW.paused)
     EXECUTE FUNCTION pgtasks.queue_resumed();
-
--- Dead letters remember where they came from, so they can be redriven. The
--- copy no longer carries the singleton key: it is a new job in another queue.
-ALTER TABLE pgtasks.job
-    ADD COLUMN dead_letter_of bigint,
-    ADD COLUMN dead_letter_from text;
-
-CREATE OR REPLACE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[],
-                                  not_before interval[], final_attempts boolean[])
-RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
-LANGUAGE sql AS $fn$
-    WITH failure AS (
-        SELECT f.id, f.attempt, f.message, f.not_before, f.final_attempt
-          FROM unnest(ids, attempts, messages, not_before, final_attempts)
-               AS f(id, attempt, message, not_before, final_attempt)
-    ), decided AS (
-        SELECT j.id, f.message, q.dead_letter,
-               j.attempt >= coalesce(j.max_attempts, q.retry_limit + 1)
-                   OR coalesce(f.final_attempt, false) AS exhausted,
-               least(
-                   greatest(
-                       CASE WHEN q.retry_backoff
-                            THEN q.retry_delay * power(2, least(j.attempt - 1, 30))
-                            ELSE q.retry_delay END,
-                       coalesce(f.not_before, interval '0')),
-                   q.retry_delay_max) AS delay
-          FROM failure f
-          JOIN pgtasks.job j ON j.id = f.id AND j.attempt = f.attempt AND j.state = 'active'
-          JOIN pgtasks.queue q ON q.name = j.queue
-           FOR UPDATE OF j
-    ), updated AS (
-        UPDATE pgtasks.job j
-           SET state = CASE WHEN d.exhausted THEN 'failed' ELSE 'retry' END::pgtasks.job_state,
-               run_at = CASE WHEN d.exhausted THEN j.run_at ELSE now() + d.delay END,
-               completed_at = CASE WHEN d.exhausted THEN now() END,
-               lease_until = NULL,
-               last_error = d.message,
-               errors = coalesce(j.errors, '[]'::jsonb)
-                        || jsonb_build_array(jsonb_build_object(
-                               'attempt', j.attempt, 'at', now(), 'error', d.message))
-          FROM decided d
-         WHERE j.id = d.id
-        RETURNING j.id, j.state, j.run_at, j.queue, j.data, j.priority, j.singleton_key,
-                  j.last_error, j.errors, d.exhausted, d.dead_letter
-    ), dead_lettered AS (
-        INSERT INTO pgtasks.job (queue, data, priority, last_error, errors,
-                                 dead_letter_of, dead_letter_from)
-        SELECT u.dead_letter, u.data, u.priority, u.last_error,
-               u.errors || jsonb_build_array(jsonb_build_object(
-                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id)),
-               u.id, u.queue
-          FROM updated u
-         WHERE u.exhausted AND u.dead_letter IS NOT NULL
-    )
-    SELECT u.id, u.state, u.run_at FROM updated u
-$fn$;
 
 -- Moves up to max_jobs waiting dead letters of a dead-letter queue back to
 -- the queues they came from, as fresh jobs (attempts reset, history kept),

@@ -157,6 +157,7 @@ impl Runtime {
             info!(version, "schema up to date");
         }
         sync_queues(&pool, &config).await?;
+        warm_pool(&pool, config.queues.len() + 2).await;
 
         let tasks = TaskTracker::new();
         let status = Arc::new(ListenerStatus::default());
@@ -348,6 +349,14 @@ async fn sync_queues(pool: &Pool, config: &Config) -> Result<(), StartError> {
             .map_err(StartError::SyncQueues)?;
     }
     tx.commit().await.map_err(StartError::SyncQueues)
+}
+
+/// Opens connections up front, so the first claims after an idle start do
+/// not pay for a TCP connect and authentication.
+async fn warm_pool(pool: &Pool, n: usize) {
+    let n = n.min(pool.status().max_size);
+    let clients = futures::future::join_all((0..n).map(|_| pool.get())).await;
+    drop(clients);
 }
 
 /// A started runtime.
