@@ -143,20 +143,24 @@ impl Runtime {
         let config = self.config;
         let pool = db::create_pool(&config.database)?;
 
-        if config.database.migrate {
-            let pg = db::pg_config(
-                &config.database.url,
-                "database.url",
-                config.database.connect_timeout,
-                "pgtasks-migrate",
-            )?;
-            let client = db::connect(&pg).await?;
-            let version = schema::migrate(&client)
-                .await
-                .map_err(StartError::Migrate)?;
-            info!(version, "schema up to date");
+        // Instances may start before the database does (compose, k8s): wait
+        // for it, up to database.startup_timeout, instead of exiting at once.
+        let deadline = tokio::time::Instant::now() + config.database.startup_timeout;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match prepare_database(&pool, &config).await {
+                Ok(()) => break,
+                Err(e) if e.is_unreachable() && tokio::time::Instant::now() + delay < deadline => {
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(e),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        sync_queues(&pool, &config).await?;
         warm_pool(&pool, config.queues.len() + 2).await;
 
         let tasks = TaskTracker::new();
@@ -317,6 +321,36 @@ impl Runtime {
             listener: status,
             tasks,
         })
+    }
+}
+
+/// Applies the schema (when configured) and creates the configured queues.
+async fn prepare_database(pool: &Pool, config: &Config) -> Result<(), StartError> {
+    if config.database.migrate {
+        let pg = db::pg_config(
+            &config.database.url,
+            "database.url",
+            config.database.connect_timeout,
+            "pgtasks-migrate",
+        )?;
+        let client = db::connect(&pg).await?;
+        let version = schema::migrate(&client)
+            .await
+            .map_err(StartError::Migrate)?;
+        info!(version, "schema up to date");
+    }
+    sync_queues(pool, config).await
+}
+
+impl StartError {
+    /// The database could not be reached (as opposed to refusing what we sent).
+    fn is_unreachable(&self) -> bool {
+        match self {
+            StartError::Db(DbError::Connect(e)) => e.as_db_error().is_none(),
+            StartError::Db(DbError::ConnectTimeout(_)) | StartError::Pool(_) => true,
+            StartError::Migrate(e) | StartError::SyncQueues(e) => e.as_db_error().is_none(),
+            _ => false,
+        }
     }
 }
 

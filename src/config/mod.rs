@@ -122,6 +122,10 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// Apply `schema.sql` at startup (under an advisory lock). Default true.
     pub migrate: bool,
+    /// How long startup waits for an unreachable database before giving up.
+    /// Default 60s.
+    #[serde(with = "duration")]
+    pub startup_timeout: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -132,6 +136,7 @@ impl Default for DatabaseConfig {
             pool_size: 10,
             connect_timeout: Duration::from_secs(5),
             migrate: true,
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }

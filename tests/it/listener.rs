@@ -82,3 +82,21 @@ async fn poll_only_mode_runs_jobs_without_a_listener() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+#[tokio::test]
+async fn startup_waits_for_an_unreachable_database_then_gives_up_naming_it() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.database.url = "postgres://postgres@127.0.0.1:1/none".into();
+    config.database.connect_timeout = Duration::from_millis(200);
+    config.database.startup_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let result = Runtime::new(config).start(CancellationToken::new()).await;
+    let error = result.err().expect("no database, no start").to_string();
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "it retried for a while"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8), "then gave up");
+    assert!(error.contains("connect"), "{error}");
+}
