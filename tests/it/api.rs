@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-use crate::support::{wait_for, wait_for_state, Recorder, TestDb, SECS_10};
+use crate::support::{listening, wait_for, wait_for_state, Recorder, TestDb, SECS_10};
 
 /// Routes over the test database, with no workers running.
 struct Api {
@@ -455,10 +455,7 @@ async fn serve(db: &TestDb, recorder: &Recorder) -> (pgtasks::Running, Cancellat
         .await
         .unwrap();
     let base = format!("http://{}", running.api_addr().unwrap());
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
-    })
-    .await;
+    listening(&running).await;
     (running, shutdown, base)
 }
 

@@ -11,7 +11,7 @@ use pgtasks::{Job, JobContext, Runtime};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, insert_jobs, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, insert_jobs, listening, wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 #[tokio::test]
@@ -24,10 +24,7 @@ async fn psql_style_insert_is_run_by_a_live_worker_within_milliseconds() {
         .start(shutdown.clone())
         .await
         .unwrap();
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
-    })
-    .await;
+    listening(&running).await;
 
     let client = db.client().await;
     let id: i64 = client
@@ -66,10 +63,7 @@ async fn burst_of_1000_rows_is_few_wakeups_and_every_job_runs_once() {
         .start(shutdown.clone())
         .await
         .unwrap();
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
-    })
-    .await;
+    listening(&running).await;
     let client = db.client().await;
     insert_jobs(&client, "readme-queue", 1000).await;
     wait_for_state(&client, "completed", 1000, Duration::from_secs(30)).await;
@@ -363,10 +357,7 @@ async fn two_runtimes_on_one_database_run_5000_jobs_exactly_once() {
             .start(shutdown.clone())
             .await
             .unwrap();
-        wait_for("listener", SECS_10, || async {
-            running.listener().is_connected().then_some(())
-        })
-        .await;
+        listening(&running).await;
         runtimes.push(running);
     }
     let client = db.client().await;

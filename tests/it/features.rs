@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, insert_jobs, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, insert_jobs, listening, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 async fn send(client: &tokio_postgres::Client, sql_args: &str) -> (i64, bool) {
@@ -100,10 +100,7 @@ async fn pause_stops_every_instance_and_resume_wakes_them_at_once() {
             .start(shutdown.clone())
             .await
             .unwrap();
-        wait_for("listener", SECS_10, || async {
-            running.listener().is_connected().then_some(())
-        })
-        .await;
+        listening(&running).await;
         runtimes.push(running);
     }
     insert_jobs(&client, "readme-queue", 20).await;
@@ -373,10 +370,7 @@ async fn get_with_wait_returns_as_soon_as_the_job_finishes() {
         .start(shutdown.clone())
         .await
         .unwrap();
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
-    })
-    .await;
+    listening(&running).await;
     let base = format!("http://{}", running.api_addr().unwrap());
     let http = reqwest::Client::new();
     let submitted: Value = http

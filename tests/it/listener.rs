@@ -5,7 +5,7 @@ use std::time::Duration;
 use pgtasks::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{insert_jobs, wait_for, wait_for_state, Recorder, TestDb, SECS_10};
+use crate::support::{insert_jobs, listening, wait_for, wait_for_state, Recorder, TestDb, SECS_10};
 
 #[tokio::test]
 async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
@@ -18,10 +18,7 @@ async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
         .start(shutdown.clone())
         .await
         .unwrap();
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
-    })
-    .await;
+    listening(&running).await;
     let client = db.client().await;
 
     let killed: i64 = client

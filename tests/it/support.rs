@@ -274,3 +274,11 @@ pub async fn insert_job(client: &Client, queue: &str, data: serde_json::Value) -
 }
 
 pub const SECS_10: Duration = Duration::from_secs(10);
+
+/// Waits until the runtime's listener is connected, so a NOTIFY sent next is heard.
+pub async fn listening(running: &pgtasks::Running) {
+    wait_for("listener", SECS_10, || async {
+        running.listener().is_connected().then_some(())
+    })
+    .await
+}
