@@ -160,9 +160,16 @@ pub async fn submit_batch(
 }
 
 /// `GET /api/jobs/{id}`.
-pub async fn get(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+pub async fn get(state: ApiState, id: i64) -> Result<warp::reply::Json, ApiError> {
     let client = state.pool.get().await?;
-    let job = store::get_job(&client, id)
+    job_response(&client, id).await
+}
+
+async fn job_response(
+    client: &deadpool_postgres::Client,
+    id: i64,
+) -> Result<warp::reply::Json, ApiError> {
+    let job = store::get_job(client, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     Ok(warp::reply::json(&JobResponse { success: true, job }))
@@ -210,41 +217,43 @@ pub async fn get_waiting(
     }
 }
 
-/// `POST /api/jobs/{id}/cancel`: a waiting or running job.
-pub async fn cancel(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
-    let client = state.pool.get().await?;
-    match store::cancel_job(&client, id).await? {
-        Transition::Done => get(state.clone(), id).await,
-        Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
-        Transition::Refused(s) => Err(ApiError::conflict(format!(
-            "job {id} is {}; only waiting or running jobs can be cancelled",
-            s.as_str()
-        ))),
+/// The state changes of `POST /api/jobs/{id}/<action>`, each a SQL function.
+#[derive(Debug, Clone, Copy)]
+pub enum JobAction {
+    /// A waiting or running job is cancelled.
+    Cancel,
+    /// A cancelled job waits again.
+    Resume,
+    /// A failed job gets one more attempt, due now.
+    Retry,
+}
+
+impl JobAction {
+    fn refusal(self) -> &'static str {
+        match self {
+            JobAction::Cancel => "only waiting or running jobs can be cancelled",
+            JobAction::Resume => "only cancelled jobs can be resumed",
+            JobAction::Retry => "only failed jobs can be retried",
+        }
     }
 }
 
-/// `POST /api/jobs/{id}/resume`: a cancelled job waits again.
-pub async fn resume(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
+/// `POST /api/jobs/{id}/cancel`, `/resume`, `/retry`: answers with the job
+/// as it is after the change, read on the same connection.
+pub async fn act(state: ApiState, id: i64, action: JobAction) -> Result<impl Reply, ApiError> {
     let client = state.pool.get().await?;
-    match store::resume_job(&client, id).await? {
-        Transition::Done => get(state.clone(), id).await,
+    let outcome = match action {
+        JobAction::Cancel => store::cancel_job(&client, id).await?,
+        JobAction::Resume => store::resume_job(&client, id).await?,
+        JobAction::Retry => store::retry_job(&client, id).await?,
+    };
+    match outcome {
+        Transition::Done => job_response(&client, id).await,
         Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
         Transition::Refused(s) => Err(ApiError::conflict(format!(
-            "job {id} is {}; only cancelled jobs can be resumed",
-            s.as_str()
-        ))),
-    }
-}
-
-/// `POST /api/jobs/{id}/retry`: one more attempt for a failed job.
-pub async fn retry(state: ApiState, id: i64) -> Result<impl Reply, ApiError> {
-    let client = state.pool.get().await?;
-    match store::retry_job(&client, id).await? {
-        Transition::Done => get(state.clone(), id).await,
-        Transition::NotFound => Err(ApiError::not_found(format!("job {id} not found"))),
-        Transition::Refused(s) => Err(ApiError::conflict(format!(
-            "job {id} is {}; only failed jobs can be retried",
-            s.as_str()
+            "job {id} is {}; {}",
+            s.as_str(),
+            action.refusal()
         ))),
     }
 }

@@ -158,15 +158,15 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     let cancel = warp::path!("jobs" / i64 / "cancel")
         .and(warp::post())
         .and(with_state.clone())
-        .then(|id, s| async move { respond(jobs::cancel(s, id).await) });
+        .then(|id, s| async move { respond(jobs::act(s, id, jobs::JobAction::Cancel).await) });
     let retry = warp::path!("jobs" / i64 / "retry")
         .and(warp::post())
         .and(with_state.clone())
-        .then(|id, s| async move { respond(jobs::retry(s, id).await) });
+        .then(|id, s| async move { respond(jobs::act(s, id, jobs::JobAction::Retry).await) });
     let resume = warp::path!("jobs" / i64 / "resume")
         .and(warp::post())
         .and(with_state.clone())
-        .then(|id, s| async move { respond(jobs::resume(s, id).await) });
+        .then(|id, s| async move { respond(jobs::act(s, id, jobs::JobAction::Resume).await) });
     let pause_queue = warp::path!("queues" / String / "pause")
         .and(warp::post())
         .and(with_state.clone())

@@ -144,13 +144,13 @@ fn resume_job() {}
 #[utoipa::path(post, path = "/api/queues/{queue}/pause", tag = "queues",
     description = "Every instance stops claiming the queue's jobs; submits are still accepted.",
     params(("queue" = String, Path, description = "Queue name")),
-    responses((status = 200, description = "Paused"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "`{\"success\":true,\"queue\":…,\"paused\":true}`"), (status = 404, body = ErrorBody)))]
 fn pause_queue() {}
 
 #[utoipa::path(post, path = "/api/queues/{queue}/resume", tag = "queues",
     description = "Every instance claims the queue's jobs again, woken at once.",
     params(("queue" = String, Path, description = "Queue name")),
-    responses((status = 200, description = "Resumed"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "`{\"success\":true,\"queue\":…,\"paused\":false}`"), (status = 404, body = ErrorBody)))]
 fn resume_queue() {}
 
 #[utoipa::path(get, path = "/api/queues", tag = "queues",

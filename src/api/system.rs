@@ -101,10 +101,8 @@ pub async fn set_paused(
     if !store::set_queue_paused(&client, &queue, paused).await? {
         return Err(ApiError::not_found(format!("unknown queue \"{queue}\"")));
     }
-    let queues = store::queue_summaries(&client).await?;
-    let summary = queues.into_iter().find(|q| q.name == queue);
     Ok(warp::reply::json(
-        &serde_json::json!({ "success": true, "queue": summary }),
+        &serde_json::json!({ "success": true, "queue": queue, "paused": paused }),
     ))
 }
 

@@ -377,6 +377,29 @@ async fn job_lifecycle_endpoints_get_cancel_retry_and_list() {
         (Some(2), Some(1))
     );
     assert!(q["oldest_waiting_seconds"].as_f64().unwrap() >= 0.0);
+
+    let pause = warp::test::request()
+        .method("POST")
+        .path("/api/queues/q/pause");
+    let (s, b) = call(&api, pause).await;
+    assert_eq!(
+        (s, b["queue"].as_str(), b["paused"].as_bool()),
+        (200, Some("q"), Some(true))
+    );
+    let (_, b) = call(&api, warp::test::request().path("/api/queues")).await;
+    let q = b["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "q")
+        .unwrap()
+        .clone();
+    assert_eq!(q["paused"], json!(true));
+    let ghost = warp::test::request()
+        .method("POST")
+        .path("/api/queues/ghost/resume");
+    let (s, b) = call(&api, ghost).await;
+    assert_error(s, &b, 404, "unknown queue");
 }
 
 #[tokio::test]
