@@ -590,4 +590,121 @@ INSERT INTO pgtasks.schema_version (version) VALUES (3);
 END
 $step$;
 
+-- Step 4: notify only while a worker waits. A transaction that has sent a
+-- NOTIFY holds a cluster-wide lock through its commit's WAL flush, so if
+-- every insert notified, concurrent enqueues would commit one at a time.
+-- Instead a worker about to sleep records itself in queue_waiter, and the
+-- triggers notify only when a live waiter exists.
+--
+-- The race (an insert reads "no waiter" just before a worker records itself,
+-- then commits just after the worker's last look at the queue) is closed
+-- with a per-queue advisory lock: triggers hold it shared from before they
+-- read queue_waiter until their transaction ends; the worker, after
+-- recording itself, takes it exclusively without waiting
+-- (worker_waiting() returns whether it could). Once it could, every insert
+-- that might have missed the record has committed, so the worker's next
+-- claim sees it; any later insert sees the record and notifies.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 4) THEN
+    RETURN;
+END IF;
+
+-- One row per (queue, worker); live while expires_at is ahead. A worker
+-- that wakes sets it to now(); a crashed worker's row simply expires.
+CREATE TABLE pgtasks.queue_waiter (
+    queue      text        NOT NULL,
+    worker     bigint      NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (queue, worker)
+) WITH (fillfactor = 50);
+
+-- The advisory lock key of a queue's waiters.
+CREATE FUNCTION pgtasks.waiter_lock_key(queue text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT (hashtext('pgtasks.queue_waiter')::bigint << 32) | (hashtext(queue)::bigint & 4294967295)
+$fn$;
+
+-- Sends the queue's wakeup if a worker waits: '' for due work, 'scheduled'
+-- for work due later. Outside READ COMMITTED the transaction's snapshot may
+-- predate a waiter's record, so it always notifies.
+CREATE FUNCTION pgtasks.notify_waiters(queue text, due boolean, scheduled boolean)
+RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NOT (due OR scheduled) THEN
+        RETURN;
+    END IF;
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        -- Lock first, then read (a fresh snapshot per statement).
+        PERFORM pg_advisory_xact_lock_shared(pgtasks.waiter_lock_key(notify_waiters.queue));
+        IF NOT EXISTS (SELECT 1 FROM pgtasks.queue_waiter w
+                        WHERE w.queue = notify_waiters.queue AND w.expires_at > now()) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF due THEN
+        PERFORM pg_notify('pgtasks.' || queue, '');
+    END IF;
+    IF scheduled THEN
+        PERFORM pg_notify('pgtasks.' || queue, 'scheduled');
+    END IF;
+END
+$fn$;
+
+-- A worker about to sleep: records itself until now() + lifetime, then
+-- returns true when no insert that could have missed the record is still
+-- in flight (the worker then looks at the queue once more and sleeps),
+-- false when one is (the worker asks again shortly).
+CREATE FUNCTION pgtasks.worker_waiting(queue text, worker bigint, lifetime interval)
+RETURNS boolean
+LANGUAGE sql AS $fn$
+    INSERT INTO pgtasks.queue_waiter (queue, worker, expires_at)
+    VALUES (worker_waiting.queue, worker_waiting.worker, now() + worker_waiting.lifetime)
+    ON CONFLICT (queue, worker) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+    SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key(worker_waiting.queue));
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+    notify boolean := pgtasks.notify_enabled();
+BEGIN
+    FOR r IN
+        SELECT n.queue,
+               q.name IS NULL AS unknown,
+               bool_or(n.state IN ('created', 'retry') AND n.run_at <= now()) AS due,
+               bool_or(n.state IN ('created', 'retry') AND n.run_at > now()) AS scheduled
+          FROM new_jobs n
+          LEFT JOIN pgtasks.queue q ON q.name = n.queue
+         GROUP BY n.queue, q.name
+    LOOP
+        IF r.unknown THEN
+            RAISE EXCEPTION 'pgtasks: unknown queue "%"', r.queue
+                USING ERRCODE = 'foreign_key_violation',
+                      HINT = 'Declare the queue in the pgtasks config or INSERT it into pgtasks.queue first.';
+        END IF;
+        IF notify THEN
+            PERFORM pgtasks.notify_waiters(r.queue, r.due, r.scheduled);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgtasks.job_available_again() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF pgtasks.notify_enabled() THEN
+        PERFORM pgtasks.notify_waiters(NEW.queue, NEW.run_at <= now(), NEW.run_at > now());
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+INSERT INTO pgtasks.schema_version (version) VALUES (4);
+END
+$step$;
+
 COMMIT;

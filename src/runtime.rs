@@ -251,6 +251,7 @@ impl Runtime {
                     attempts: attempts.clone(),
                     abort: abort.clone(),
                     running: wakeups.running().clone(),
+                    waiter: config.worker.listen.then(rand::random::<i64>),
                 };
                 workers.spawn(worker.run(shutdown.clone()));
             }
@@ -426,6 +427,12 @@ impl Running {
 
     pub fn listener(&self) -> &Arc<ListenerStatus> {
         &self.listener
+    }
+
+    /// True when the listener is connected and every queue worker sleeps
+    /// with a settled waiting record: a job inserted now is notified.
+    pub fn idle_and_listening(&self) -> bool {
+        self.listener.is_connected() && self.stats.values().all(|s| s.waiting())
     }
 
     /// Waits until shutdown has completed: every task stopped, every outcome

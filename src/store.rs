@@ -127,6 +127,10 @@ WITH next AS (
      ORDER BY priority DESC, run_at, id
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+), woken AS (
+    -- A waiting worker that got work is awake: inserts stop notifying it.
+    UPDATE pgtasks.queue_waiter SET expires_at = now()
+     WHERE queue = $1 AND worker = $3 AND EXISTS (SELECT 1 FROM next)
 )
 UPDATE pgtasks.job j
    SET state = 'active', attempt = j.attempt + 1, started_at = now(),
@@ -146,14 +150,16 @@ pub struct Claimed {
 
 /// Claims up to `limit` due jobs of `queue` in one statement, highest
 /// priority first, skipping rows other workers hold. None when paused.
+/// When it claims any, the `waiter` record (if given) is marked awake.
 pub async fn claim_jobs(
     client: &impl GenericClient,
     queue: &str,
     limit: usize,
+    waiter: Option<i64>,
 ) -> Result<Vec<Claimed>, Error> {
     let statement = client.prepare_cached(CLAIM_JOBS).await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client.query(&statement, &[&queue, &limit]).await?;
+    let rows = client.query(&statement, &[&queue, &limit, &waiter]).await?;
     Ok(rows
         .iter()
         .map(|row| Claimed {
@@ -172,6 +178,44 @@ pub async fn claim_jobs(
             lease_left: secs_to_duration(row.get(9)),
         })
         .collect())
+}
+
+const WORKER_WAITING: &str = "SELECT pgtasks.worker_waiting($1, $2, $3 * interval '1 second')";
+
+/// Records `worker` as waiting on `queue` for `lifetime`, so inserts notify
+/// it. True when no insert that could have missed the record is still in
+/// flight: one more claim then sees everything not notified.
+pub async fn worker_waiting(
+    client: &impl GenericClient,
+    queue: &str,
+    worker: i64,
+    lifetime: Duration,
+) -> Result<bool, Error> {
+    let statement = client.prepare_cached(WORKER_WAITING).await?;
+    let row = client
+        .query_one(&statement, &[&queue, &worker, &lifetime.as_secs_f64()])
+        .await?;
+    Ok(row.get(0))
+}
+
+const WORKER_GONE: &str = "DELETE FROM pgtasks.queue_waiter WHERE queue = $1 AND worker = $2";
+
+/// Removes a stopping worker's waiting record.
+pub async fn worker_gone(
+    client: &impl GenericClient,
+    queue: &str,
+    worker: i64,
+) -> Result<(), Error> {
+    client.execute(WORKER_GONE, &[&queue, &worker]).await?;
+    Ok(())
+}
+
+const DELETE_STALE_WAITERS: &str =
+    "DELETE FROM pgtasks.queue_waiter WHERE expires_at < now() - interval '1 hour'";
+
+/// Removes waiting records of workers that stopped without saying so.
+pub async fn delete_stale_waiters(client: &impl GenericClient) -> Result<u64, Error> {
+    client.execute(DELETE_STALE_WAITERS, &[]).await
 }
 
 const NEXT_RUN_IN: &str = "

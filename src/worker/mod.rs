@@ -2,16 +2,18 @@
 //! runs each in its own task, bounded by the queue's concurrency; the
 //! [`completer`] writes their outcomes.
 //!
-//! The worker sleeps until one of: a wakeup from the listener (or the
-//! completer), the slow poll, its timer for the queue's next future `run_at`,
-//! or a freed slot while the last claim suggested more work is waiting. It
-//! then claims up to its free slots in one statement, again and again while
-//! claims come back full, with no cooldown.
+//! Before sleeping with nothing to claim, the worker records itself in
+//! `pgtasks.queue_waiter` (inserts notify only while such a record is live)
+//! and, once the record has settled, claims once more. It then sleeps until a
+//! wakeup from the listener (or the completer), the slow poll, its timer for
+//! the queue's next future `run_at`, or a freed slot while the last claim
+//! suggested more work is waiting. It claims up to its free slots in one
+//! statement, again and again while claims come back full, with no cooldown.
 
 pub mod attempt;
 pub mod completer;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +41,11 @@ pub struct QueueStats {
     pub claims: AtomicU64,
     /// Jobs claimed.
     pub claimed: AtomicU64,
+    /// Asleep with a settled waiting record: an insert now notifies it.
+    pub waiting: AtomicBool,
+    /// Times the waiting record could not settle at once (an insert that
+    /// may have missed it was in flight).
+    pub unsettled: AtomicU64,
 }
 
 impl QueueStats {
@@ -54,6 +61,20 @@ impl QueueStats {
     pub fn claimed(&self) -> u64 {
         self.claimed.load(Ordering::Relaxed)
     }
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+    pub fn unsettled(&self) -> u64 {
+        self.unsettled.load(Ordering::Relaxed)
+    }
+}
+
+/// What one round of claims did.
+struct Claim {
+    /// The last claim filled every free slot: more work is probably waiting.
+    full: bool,
+    /// Some job was claimed.
+    any: bool,
 }
 
 pub struct QueueWorker {
@@ -70,17 +91,41 @@ pub struct QueueWorker {
     /// Fires when shutdown's grace period is over.
     pub abort: CancellationToken,
     pub running: RunningJobs,
+    /// This worker's id in `pgtasks.queue_waiter`; `None` in poll-only mode
+    /// (no listener), where notifications are never needed.
+    pub waiter: Option<i64>,
 }
 
 /// Why the worker woke up; logged at debug.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wake {
     Start,
     Notified,
     Poll,
     Timer,
     SlotFreed,
+    /// Just recorded itself as waiting: one more look before sleeping.
+    Recheck,
+    /// Time to ask again whether inserts in flight have settled.
+    Settle,
 }
+
+/// Where the worker stands with its `pgtasks.queue_waiter` record, which
+/// decides whether inserts notify it (schema step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// No live record known: inserts may not notify this worker.
+    No,
+    /// Recorded, but an insert that may have missed the record was still
+    /// in flight; ask again after this long.
+    Unsettled(Duration),
+    /// Recorded and settled: every later insert notifies.
+    Yes,
+}
+
+/// First and longest pause before asking again whether inserts settled.
+const SETTLE_FIRST: Duration = Duration::from_millis(1);
+const SETTLE_MAX: Duration = Duration::from_millis(100);
 
 impl QueueWorker {
     /// Claims and starts jobs until `stop` fires. Attempts already running
@@ -92,40 +137,88 @@ impl QueueWorker {
         let mut refresh_timer = true;
         let mut more_waiting = false;
         let mut failures = 0u32;
+        let mut waiting = Waiting::No;
         let mut reason = Wake::Start;
         loop {
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-            if matches!(reason, Wake::Notified) {
+            if reason == Wake::Notified {
                 self.stats.notified.fetch_add(1, Ordering::Relaxed);
             }
             debug!(queue = %self.queue, ?reason, "worker awake");
-            refresh_timer |= self.wakeup.take_schedule_changed();
-            // The timer is read before the claim: a row not yet due when
-            // read is on the timer, and one due by then is claimed next.
-            // Read after the claim, a row that fell due in between (a retry
-            // a few milliseconds out) would be on neither, until the poll.
-            if refresh_timer && !stop.is_cancelled() {
-                match self.read_timer().await {
-                    Ok(next) => {
-                        timer = next;
-                        refresh_timer = false;
+            if reason != Wake::Settle {
+                refresh_timer |= self.wakeup.take_schedule_changed();
+                // The timer is read before the claim: a row not yet due when
+                // read is on the timer, and one due by then is claimed next.
+                // Read after the claim, a row that fell due in between (a
+                // retry a few milliseconds out) would be on neither, until
+                // the poll.
+                if refresh_timer && !stop.is_cancelled() {
+                    match self.read_timer().await {
+                        Ok(next) => {
+                            timer = next;
+                            refresh_timer = false;
+                        }
+                        Err(e) => {
+                            warn!(queue = %self.queue, error = %e, "reading next run_at failed")
+                        }
                     }
-                    Err(e) => warn!(queue = %self.queue, error = %e, "reading next run_at failed"),
+                }
+                let recorded = (waiting != Waiting::No).then_some(self.waiter).flatten();
+                match self
+                    .claim_and_start(&slots, &slot_freed, &stop, recorded)
+                    .await
+                {
+                    Ok(claim) => {
+                        more_waiting = claim.full;
+                        failures = 0;
+                        // A claim that took jobs marked the record awake; an
+                        // unsettled record is asked about afresh; and each
+                        // poll renews the record before it expires.
+                        if claim.any || waiting != Waiting::Yes || reason == Wake::Poll {
+                            waiting = Waiting::No;
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        waiting = Waiting::No;
+                        warn!(queue = %self.queue, error = %e, "claim failed; will retry");
+                        metrics::counter!("pgtasks_claim_errors_total", "queue" => self.queue.clone())
+                            .increment(1);
+                        refresh_timer = true;
+                    }
                 }
             }
-            match self.claim_and_start(&slots, &slot_freed, &stop).await {
-                Ok(full) => {
-                    more_waiting = full;
-                    failures = 0;
-                }
-                Err(e) => {
-                    failures += 1;
-                    warn!(queue = %self.queue, error = %e, "claim failed; will retry");
-                    metrics::counter!("pgtasks_claim_errors_total", "queue" => self.queue.clone())
-                        .increment(1);
-                    refresh_timer = true;
+
+            // Nothing left to claim: before sleeping, make sure inserts will
+            // wake this worker, then look once more.
+            if let Some(worker) = self.waiter {
+                let idle = !more_waiting && failures == 0 && !stop.is_cancelled();
+                if idle && waiting != Waiting::Yes {
+                    match self.record_waiting(worker).await {
+                        Ok(true) => {
+                            waiting = Waiting::Yes;
+                            // 'scheduled' notifications were skipped while awake.
+                            refresh_timer = true;
+                            reason = Wake::Recheck;
+                            continue;
+                        }
+                        Ok(false) => {
+                            self.stats.unsettled.fetch_add(1, Ordering::Relaxed);
+                            waiting = Waiting::Unsettled(match waiting {
+                                Waiting::Unsettled(d) => (d * 2).min(SETTLE_MAX),
+                                _ => SETTLE_FIRST,
+                            })
+                        }
+                        Err(e) => {
+                            warn!(queue = %self.queue, error = %e, "recording the worker as waiting failed");
+                            waiting = Waiting::No;
+                        }
+                    }
                 }
             }
+            self.stats
+                .waiting
+                .store(waiting == Waiting::Yes, Ordering::Relaxed);
 
             // After an error, retry soon (bounded backoff) rather than at the poll.
             let poll = if failures > 0 {
@@ -134,24 +227,35 @@ impl QueueWorker {
                 self.poll_interval
             };
             let poll_at = Instant::now() + poll;
-            let (deadline, deadline_reason) = match timer {
+            let (mut deadline, mut deadline_reason) = match timer {
                 Some(t) if t < poll_at => (t, Wake::Timer),
                 _ => (poll_at, Wake::Poll),
             };
+            if let Waiting::Unsettled(after) = waiting {
+                let settle_at = Instant::now() + after;
+                if settle_at < deadline {
+                    (deadline, deadline_reason) = (settle_at, Wake::Settle);
+                }
+            }
             // Every arm is cancel-safe: Notify keeps an unconsumed permit.
             reason = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
                 _ = self.wakeup.notified() => Wake::Notified,
                 _ = slot_freed.notified(), if more_waiting => Wake::SlotFreed,
                 _ = tokio::time::sleep_until(deadline) => deadline_reason,
             };
+            self.stats.waiting.store(false, Ordering::Relaxed);
             if matches!(reason, Wake::Timer | Wake::Poll) {
                 // The timer's job is being claimed now (or the poll may find a
                 // new earliest): read the next one afterwards.
                 refresh_timer = true;
                 timer = None;
             }
+        }
+        self.stats.waiting.store(false, Ordering::Relaxed);
+        if let Some(worker) = self.waiter {
+            self.forget_waiting(worker).await;
         }
     }
 
@@ -162,22 +266,28 @@ impl QueueWorker {
         slots: &Arc<Semaphore>,
         slot_freed: &Arc<Notify>,
         stop: &CancellationToken,
-    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        mut waiter: Option<i64>,
+    ) -> Result<Claim, Box<dyn std::error::Error + Send + Sync>> {
+        let mut any = false;
         loop {
             if stop.is_cancelled() {
-                return Ok(false);
+                return Ok(Claim { full: false, any });
             }
             let free = slots.available_permits();
             if free == 0 {
-                return Ok(true);
+                return Ok(Claim { full: true, any });
             }
             let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32) else {
-                return Ok(true);
+                return Ok(Claim { full: true, any });
             };
             let claimed = {
                 let client = self.pool.get().await?;
-                store::claim_jobs(&client, &self.queue, free).await?
+                store::claim_jobs(&client, &self.queue, free, waiter).await?
             };
+            if !claimed.is_empty() {
+                any = true;
+                waiter = None;
+            }
             self.stats.claims.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .claimed
@@ -200,8 +310,32 @@ impl QueueWorker {
             }
             drop(permits);
             if !full {
-                return Ok(false);
+                return Ok(Claim { full: false, any });
             }
+        }
+    }
+
+    /// Records this worker as waiting; true once inserts in flight settled.
+    async fn record_waiting(
+        &self,
+        worker: i64,
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        let client = self.pool.get().await?;
+        let lifetime = self.poll_interval * 2 + Duration::from_secs(10);
+        Ok(store::worker_waiting(&client, &self.queue, worker, lifetime).await?)
+    }
+
+    /// Best effort at shutdown: a record left behind only expires later.
+    async fn forget_waiting(&self, worker: i64) {
+        let forget = async {
+            let client = self.pool.get().await?;
+            store::worker_gone(&client, &self.queue, worker).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(1), forget).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(queue = %self.queue, error = %e, "removing waiting record failed"),
+            Err(_) => debug!(queue = %self.queue, "removing waiting record timed out"),
         }
     }
 

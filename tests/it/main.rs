@@ -10,4 +10,5 @@ mod listener;
 mod schema;
 mod shutdown;
 mod support;
+mod waiting;
 mod webhook;

@@ -208,7 +208,11 @@ async fn trigger_notifies_once_per_queue_per_statement() {
     let db = TestDb::new().await;
     let client = db.client().await;
     client
-        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c')")
+        .batch_execute(
+            "INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c');
+             -- A waiting worker on each queue, as a sleeping worker records itself.
+             SELECT pgtasks.worker_waiting(q, 1, '1 hour') FROM unnest('{a,b,c}'::text[]) q;",
+        )
         .await
         .unwrap();
     let (_listener, mut rx) = listen(
@@ -276,4 +280,102 @@ async fn trigger_notifies_once_per_queue_per_statement() {
         drain_until_sentinel(&client, &mut rx).await,
         vec![("pgtasks.b".to_string(), String::new())]
     );
+}
+
+#[tokio::test]
+async fn inserts_notify_only_while_a_worker_waits() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a')")
+        .await
+        .unwrap();
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks.a", "sentinel"]).await;
+    let insert = "INSERT INTO pgtasks.job (queue) VALUES ('a')";
+
+    // Nobody waits: no notification, and no cluster-wide commit lock taken.
+    client.execute(insert, &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // A waiting worker is notified...
+    let settled: bool = client
+        .query_one("SELECT pgtasks.worker_waiting('a', 7, '1 hour')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        settled,
+        "no insert in flight, so the record settles at once"
+    );
+    client.execute(insert, &[]).await.unwrap();
+    assert_eq!(
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks.a".to_string(), String::new())]
+    );
+
+    // ...until it claims work (its record is marked awake) or the record expires.
+    client
+        .execute(
+            "UPDATE pgtasks.queue_waiter SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    client.execute(insert, &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // Outside READ COMMITTED a snapshot may predate a record: always notify.
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; {insert}; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks.a".to_string(), String::new())]
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_record_settles_only_after_inserts_in_flight_commit() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b')")
+        .await
+        .unwrap();
+    let mut inserter = db.client().await;
+    let tx = inserter.transaction().await.unwrap();
+    tx.execute("INSERT INTO pgtasks.job (queue) VALUES ('a')", &[])
+        .await
+        .unwrap();
+
+    let waiting = |queue: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT pgtasks.worker_waiting($1, 7, '1 hour')", &[&queue])
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    // The insert read "nobody waits" and has not committed: a worker's last
+    // look now could miss its row, so the record is not settled...
+    assert!(!waiting("a").await);
+    // ...while another queue is unaffected...
+    assert!(waiting("b").await);
+    // ...and once the insert commits, it is.
+    tx.commit().await.unwrap();
+    assert!(waiting("a").await);
+    let waiting_rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgtasks.queue_waiter WHERE worker = 7 AND expires_at > now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting_rows, 2, "one record per queue, renewed in place");
 }

@@ -275,10 +275,11 @@ pub async fn insert_job(client: &Client, queue: &str, data: serde_json::Value) -
 
 pub const SECS_10: Duration = Duration::from_secs(10);
 
-/// Waits until the runtime's listener is connected, so a NOTIFY sent next is heard.
+/// Waits until the runtime's listener is connected and its workers sleep as
+/// recorded waiters, so a job inserted next is notified and heard.
 pub async fn listening(running: &pgtasks::Running) {
-    wait_for("listener", SECS_10, || async {
-        running.listener().is_connected().then_some(())
+    wait_for("listener and idle workers", SECS_10, || async {
+        running.idle_and_listening().then_some(())
     })
     .await
 }

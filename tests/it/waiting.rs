@@ -1,0 +1,151 @@
+//! Inserts notify only while a worker waits (schema step 4). These tests
+//! prove no wakeup is lost when inserts race a worker going to sleep: the
+//! test config's poll is a minute, so a lost wakeup shows as a job that does
+//! not run within its deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgtasks::config::QueueConfig;
+use pgtasks::{Job, JobContext, Runtime};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{insert_job, listening, wait_for, Recorder, TestDb, SECS_10};
+
+/// Inserters each submit a job, wait for it to start, and submit the next
+/// at once, so inserts keep landing while the worker finishes a claim and
+/// records itself as waiting again: thousands of rounds of that race.
+#[tokio::test]
+async fn no_wakeup_is_lost_while_inserts_race_the_worker_going_to_sleep() {
+    const INSERTERS: usize = 4;
+    const ROUNDS: usize = 750;
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+
+    let mut inserters = JoinSet::new();
+    for i in 0..INSERTERS {
+        let client = db.client().await;
+        let recorder = recorder.clone();
+        inserters.spawn(async move {
+            for round in 0..ROUNDS {
+                let id = insert_job(&client, "readme-queue", serde_json::json!({"i": i})).await;
+                wait_for(
+                    &format!("inserter {i} round {round}: job {id} to run"),
+                    Duration::from_secs(5),
+                    || async { recorder.runs().contains_key(&id).then_some(()) },
+                )
+                .await;
+                // Vary where the next insert lands in the worker's cycle.
+                if round % 3 == 1 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+    }
+    while let Some(done) = inserters.join_next().await {
+        done.expect("an inserter failed");
+    }
+
+    let jobs = INSERTERS * ROUNDS;
+    let runs = recorder.runs();
+    assert_eq!(runs.len(), jobs);
+    assert!(runs.values().all(|&n| n == 1), "a job ran twice");
+    let stats = running.stats("readme-queue").unwrap();
+    let notifications = running.wakeup("readme-queue").unwrap().notifications();
+    eprintln!(
+        "{jobs} jobs: {notifications} notifications, {} claims, {} unsettled records",
+        stats.claims(),
+        stats.unsettled()
+    );
+    // The point of the design: inserts while the worker was awake sent none.
+    assert!(
+        (notifications as usize) < jobs,
+        "every insert notified: {notifications} for {jobs} jobs"
+    );
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// The race, made to happen: an insert reads "nobody waits" while the worker
+/// is busy, and is still uncommitted when the worker records itself as
+/// waiting and looks at the queue one last time. The record must not settle
+/// until the insert commits, and then the job runs without any poll.
+#[tokio::test]
+async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let blocker = {
+        let gate = gate.clone();
+        let record = recorder.handler();
+        move |job: Job, ctx: JobContext| {
+            let gate = gate.clone();
+            let record = record(job.clone(), ctx);
+            async move {
+                if job.data["block"] == true {
+                    let _permit = gate.acquire().await;
+                }
+                record.await
+            }
+        }
+    };
+    let one_slot = QueueConfig {
+        concurrency: 1,
+        ..QueueConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .queue("readme-queue", one_slot, blocker)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let stats = running.stats("readme-queue").unwrap();
+    let client = db.client().await;
+
+    // The worker is busy with its one slot, so its record says awake.
+    let blocking = insert_job(&client, "readme-queue", serde_json::json!({"block": true})).await;
+    wait_for("the blocking job to start", SECS_10, || async {
+        (stats.claimed() == 1).then_some(())
+    })
+    .await;
+
+    let mut inserter = db.client().await;
+    let tx = inserter.transaction().await.unwrap();
+    let late: i64 = tx
+        .query_one(
+            "INSERT INTO pgtasks.job (queue, data) VALUES ('readme-queue', '{}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // The slot frees; the claim cannot see the uncommitted row; the worker
+    // records itself as waiting, which cannot settle while the insert is open.
+    let unsettled_before = stats.unsettled();
+    gate.add_permits(1);
+    wait_for("the waiting record to be unsettled", SECS_10, || async {
+        (stats.unsettled() > unsettled_before).then_some(())
+    })
+    .await;
+    assert!(!recorder.runs().contains_key(&late));
+
+    tx.commit().await.unwrap();
+    wait_for("the late job to run", SECS_10, || async {
+        recorder.runs().contains_key(&late).then_some(())
+    })
+    .await;
+    assert!(recorder.runs().contains_key(&blocking));
+    shutdown.cancel();
+    running.stopped().await;
+}
