@@ -1,5 +1,6 @@
-//! Connections: the shared pool for claims, acks and submits, and single
-//! dedicated connections (the listener's, the migrator's).
+//! Connections: the shared pool (submits, API, maintenance), the workers'
+//! pool (claims and outcomes, asynchronous commit), and single dedicated
+//! connections (the listener's, the migrator's).
 
 use std::time::Duration;
 
@@ -48,7 +49,8 @@ pub fn pg_config(
     Ok(config)
 }
 
-/// The shared pool. Connections are checked out briefly per statement batch.
+/// The shared pool for submits, the API and maintenance. Connections are
+/// checked out briefly per statement batch.
 pub fn create_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     let pg = pg_config(
         &config.url,
@@ -56,6 +58,29 @@ pub fn create_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         config.connect_timeout,
         "pgtasks",
     )?;
+    build_pool(pg, config)
+}
+
+/// The workers' pool: claims, outcomes, progress and waiting records commit
+/// with `synchronous_commit = off` (this session only). They still become
+/// visible at once; only a PostgreSQL crash can lose the last few hundred
+/// milliseconds of them, and each loss is safe under at-least-once: a lost
+/// claim leaves its job waiting (it runs again), a lost outcome leaves it
+/// active until its lease expires (it is rescued and runs again). Submits
+/// never use this pool: an acknowledged job is durable.
+pub fn create_worker_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let mut pg = pg_config(
+        &config.url,
+        "database.url",
+        config.connect_timeout,
+        "pgtasks-worker",
+    )?;
+    let options = pg.get_options().unwrap_or_default();
+    pg.options(format!("{options} -c synchronous_commit=off").trim_start());
+    build_pool(pg, config)
+}
+
+fn build_pool(pg: tokio_postgres::Config, config: &DatabaseConfig) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         pg,
         NoTls,

@@ -217,6 +217,8 @@ impl Runtime {
         }
 
         if !handlers.is_empty() {
+            let work_pool = db::create_worker_pool(&config.database)?;
+            warm_pool(&work_pool, handlers.len() + 1).await;
             let capacity = handlers
                 .keys()
                 .map(|q| config.queues[q].concurrency)
@@ -229,7 +231,7 @@ impl Runtime {
                 .map(|(name, _)| name.clone())
                 .collect();
             let (completer, acks) =
-                Completer::new(pool.clone(), wakeups.clone(), discard, capacity);
+                Completer::new(work_pool.clone(), wakeups.clone(), discard, capacity);
             let give_up = CancellationToken::new();
             let completer_done = tasks.spawn(completer.run(give_up.clone()));
 
@@ -243,7 +245,7 @@ impl Runtime {
                     queue: queue.clone(),
                     concurrency: config.queues[queue].concurrency,
                     poll_interval: config.worker.poll_interval,
-                    pool: pool.clone(),
+                    pool: work_pool.clone(),
                     handler: handler.clone(),
                     wakeup: wakeups.get(queue).cloned().unwrap_or_default(),
                     acks: acks.clone(),

@@ -234,13 +234,18 @@ pub async fn next_run_in(
 }
 
 const COMPLETE_JOBS: &str = "
-UPDATE pgtasks.job j
-   SET state = 'completed', completed_at = now(), lease_until = NULL, output = c.output
-  FROM unnest($1::bigint[], $2::int[], $3::jsonb[]) AS c(id, attempt, output)
- WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'";
+WITH done AS (
+    UPDATE pgtasks.job j
+       SET state = 'completed', completed_at = now(), lease_until = NULL, output = c.output
+      FROM unnest($1::bigint[], $2::int[], $3::jsonb[]) AS c(id, attempt, output)
+     WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
+    RETURNING j.id
+)
+SELECT count(*), pgtasks.notify_done(array_agg(id)) FROM done";
 
-/// Marks attempts completed. An attempt whose job has moved on (rescued after
-/// its lease, re-claimed) is left alone.
+/// Marks attempts completed and tells `?wait=` requests, in one statement.
+/// An attempt whose job has moved on (rescued after its lease, re-claimed)
+/// is left alone.
 pub async fn complete_jobs(
     client: &impl GenericClient,
     ids: &[i64],
@@ -248,9 +253,10 @@ pub async fn complete_jobs(
     outputs: &[Option<Value>],
 ) -> Result<u64, Error> {
     let statement = client.prepare_cached(COMPLETE_JOBS).await?;
-    client
-        .execute(&statement, &[&ids, &attempts, &outputs])
-        .await
+    let row = client
+        .query_one(&statement, &[&ids, &attempts, &outputs])
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 const FAIL_JOBS: &str = "
@@ -538,18 +544,24 @@ pub async fn report_progress(
 }
 
 const DELETE_COMPLETED: &str = "
-DELETE FROM pgtasks.job j
- USING unnest($1::bigint[], $2::int[]) AS c(id, attempt)
- WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'";
+WITH done AS (
+    DELETE FROM pgtasks.job j
+     USING unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+     WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
+    RETURNING j.id
+)
+SELECT count(*), pgtasks.notify_done(array_agg(id)) FROM done";
 
-/// Completes attempts of queues that keep nothing (retention 0) by deleting them.
+/// Completes attempts of queues that keep nothing (retention 0) by deleting
+/// them, and tells `?wait=` requests.
 pub async fn delete_completed(
     client: &impl GenericClient,
     ids: &[i64],
     attempts: &[i32],
 ) -> Result<u64, Error> {
     let statement = client.prepare_cached(DELETE_COMPLETED).await?;
-    client.execute(&statement, &[&ids, &attempts]).await
+    let row = client.query_one(&statement, &[&ids, &attempts]).await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 const DELETE_EXPIRED: &str = "
@@ -835,25 +847,11 @@ pub async fn redrive(
         .get(0))
 }
 
-const NOTIFY_FINISHED: &str = "SELECT pg_notify('pgtasks:done', $1)";
+const NOTIFY_FINISHED: &str = "SELECT pgtasks.notify_done($1)";
 
 /// Tells waiting API requests (any instance) that these jobs finished.
-/// Payloads stay well under Postgres's 8000-byte limit.
 pub async fn notify_finished(client: &impl GenericClient, ids: &[i64]) -> Result<(), Error> {
     let statement = client.prepare_cached(NOTIFY_FINISHED).await?;
-    let mut payload = String::new();
-    for id in ids {
-        if payload.len() > 7000 {
-            client.execute(&statement, &[&payload]).await?;
-            payload.clear();
-        }
-        if !payload.is_empty() {
-            payload.push(',');
-        }
-        payload.push_str(&id.to_string());
-    }
-    if !payload.is_empty() {
-        client.execute(&statement, &[&payload]).await?;
-    }
+    client.execute(&statement, &[&ids]).await?;
     Ok(())
 }

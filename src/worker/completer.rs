@@ -133,13 +133,12 @@ impl Completer {
             }
         }
         let mut finished = Vec::new();
+        // Completions tell `?wait=` requests in the same statement.
         if !discarded.ids.is_empty() {
             store::delete_completed(&client, &discarded.ids, &discarded.attempts).await?;
-            finished.extend_from_slice(&discarded.ids);
         }
         if !completed.ids.is_empty() {
             store::complete_jobs(&client, &completed.ids, &completed.attempts, &outputs).await?;
-            finished.extend_from_slice(&completed.ids);
             for ack in batch
                 .iter()
                 .filter(|a| matches!(a.outcome, Outcome::Completed(_)))

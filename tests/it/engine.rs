@@ -459,8 +459,9 @@ async fn retries_due_in_milliseconds_are_not_left_for_the_poll() {
     let client = db.client().await;
     // One at a time, so each retry's timer is read on its own.
     for _ in 0..100 {
-        insert_jobs(&client, "quick-retries", 1).await;
+        // Counted before the insert: the job may finish before a count after it.
         let n = count_state(&client, "completed").await + 1;
+        insert_jobs(&client, "quick-retries", 1).await;
         // The poll is 60 s: a retry only the poll would find stalls here.
         wait_for_state(&client, "completed", n, SECS_10).await;
     }
