@@ -135,8 +135,10 @@ WITH next AS (
 UPDATE pgtasks.job j
    SET state = 'active', attempt = j.attempt + 1, started_at = now(),
        lease_until = now() + q.lease
-  FROM next, pgtasks.queue q
- WHERE j.id = next.id AND q.name = $1
+  FROM pgtasks.queue q
+ -- An array of ids, not a join with `next`: a join may be planned as a hash
+ -- join over a sequential scan of the whole table, on every claim.
+ WHERE j.id = ANY (ARRAY(SELECT id FROM next)) AND q.name = $1
 RETURNING j.id, j.data, j.attempt, coalesce(j.max_attempts, q.retry_limit + 1), j.priority,
           j.created_at, j.run_at, j.started_at, j.lease_until,
           extract(epoch FROM j.lease_until - clock_timestamp())::float8";
@@ -238,7 +240,7 @@ WITH done AS (
     UPDATE pgtasks.job j
        SET state = 'completed', completed_at = now(), lease_until = NULL, output = c.output
       FROM unnest($1::bigint[], $2::int[], $3::jsonb[]) AS c(id, attempt, output)
-     WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
+     WHERE j.id = ANY ($1) AND j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
     RETURNING j.id
 )
 SELECT count(*), pgtasks.notify_done(array_agg(id)) FROM done";
@@ -324,7 +326,7 @@ UPDATE pgtasks.job j
    SET state = CASE WHEN j.attempt <= 1 THEN 'created' ELSE 'retry' END::pgtasks.job_state,
        attempt = j.attempt - 1, started_at = NULL, lease_until = NULL
   FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
- WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = 'active'";
+ WHERE j.id = ANY ($1) AND j.id = r.id AND j.attempt = r.attempt AND j.state = 'active'";
 
 /// Gives attempts back unburned (shutdown): the jobs are available at once
 /// and the update trigger wakes their queues on every instance.
@@ -547,7 +549,7 @@ const DELETE_COMPLETED: &str = "
 WITH done AS (
     DELETE FROM pgtasks.job j
      USING unnest($1::bigint[], $2::int[]) AS c(id, attempt)
-     WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
+     WHERE j.id = ANY ($1) AND j.id = c.id AND j.attempt = c.attempt AND j.state = 'active'
     RETURNING j.id
 )
 SELECT count(*), pgtasks.notify_done(array_agg(id)) FROM done";

@@ -123,6 +123,10 @@ enum Waiting {
     Yes,
 }
 
+/// Longest wait for more free slots before claiming (see `gather_free_slots`):
+/// a bound on the pickup delay it adds while the queue is saturated.
+const GATHER_MAX: Duration = Duration::from_millis(2);
+
 /// First and longest pause before asking again whether inserts settled.
 const SETTLE_FIRST: Duration = Duration::from_millis(1);
 const SETTLE_MAX: Duration = Duration::from_millis(100);
@@ -246,6 +250,9 @@ impl QueueWorker {
                 _ = tokio::time::sleep_until(deadline) => deadline_reason,
             };
             self.stats.waiting.store(false, Ordering::Relaxed);
+            if reason == Wake::SlotFreed {
+                self.gather_free_slots(&slots, &slot_freed, &stop).await;
+            }
             if matches!(reason, Wake::Timer | Wake::Poll) {
                 // The timer's job is being claimed now (or the poll may find a
                 // new earliest): read the next one afterwards.
@@ -311,6 +318,26 @@ impl QueueWorker {
             drop(permits);
             if !full {
                 return Ok(Claim { full: false, any });
+            }
+        }
+    }
+
+    /// With work waiting and slots freeing one by one, claiming at the first
+    /// free slot would mean many claims of a job or two. Waits (briefly) for
+    /// half the slots to be free, so each claim fetches a batch.
+    async fn gather_free_slots(
+        &self,
+        slots: &Semaphore,
+        slot_freed: &Notify,
+        stop: &CancellationToken,
+    ) {
+        let enough = self.concurrency.div_ceil(2);
+        let deadline = Instant::now() + GATHER_MAX;
+        while slots.available_permits() < enough {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = slot_freed.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => return,
             }
         }
     }

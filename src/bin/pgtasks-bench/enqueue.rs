@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use pgtasks::store::{insert_jobs, NewJob};
 
 use crate::pickup::BENCH_QUEUE;
-use crate::report::Report;
+use crate::report::{percentile, Report};
 use crate::scratch::{add_queues, vacuum_analyze, with_scratch, Scratch};
 
 #[derive(Debug, Clone)]
@@ -53,13 +53,23 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
         "enqueue: {} clients x single-row INSERT for {} s, with and without the trigger",
         spec.clients, spec.seconds
     ));
+    // Alternating short rounds, so a noisy stretch of the machine hits both
+    // tables alike; the figures are the medians of the per-round rates.
     vacuum_analyze(&admin).await?;
-    let (with_jobs, with_s) = single(db, INSERT_TRIGGERED, spec).await?;
-    vacuum_analyze(&admin).await?;
-    let (plain_jobs, plain_s) = single(db, INSERT_PLAIN, spec).await?;
-    let with_rate = with_jobs as f64 / with_s;
-    let plain_rate = plain_jobs as f64 / plain_s;
-    for (metric, table, statement, jobs, seconds, rate) in [
+    let round_s = spec.seconds / ROUNDS as f64;
+    let (mut with_jobs, mut with_s, mut with_rates) = (0, 0.0, Vec::new());
+    let (mut plain_jobs, mut plain_s, mut plain_rates) = (0, 0.0, Vec::new());
+    for _ in 0..ROUNDS {
+        let (jobs, seconds) = single(db, INSERT_TRIGGERED, spec.clients, round_s).await?;
+        (with_jobs, with_s) = (with_jobs + jobs, with_s + seconds);
+        with_rates.push(jobs as f64 / seconds);
+        let (jobs, seconds) = single(db, INSERT_PLAIN, spec.clients, round_s).await?;
+        (plain_jobs, plain_s) = (plain_jobs + jobs, plain_s + seconds);
+        plain_rates.push(jobs as f64 / seconds);
+    }
+    let with_rate = median(&with_rates);
+    let plain_rate = median(&plain_rates);
+    for (metric, table, statement, jobs, seconds, rate, rates) in [
         (
             "enqueue_single",
             "pgtasks.job",
@@ -67,6 +77,7 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
             with_jobs,
             with_s,
             with_rate,
+            &with_rates,
         ),
         (
             "enqueue_single_no_trigger",
@@ -75,6 +86,7 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
             plain_jobs,
             plain_s,
             plain_rate,
+            &plain_rates,
         ),
     ] {
         report.emit(
@@ -88,10 +100,14 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
                     "statement": statement,
                     "worker_running": false,
                     "vacuumed_before": true,
+                    "rounds": ROUNDS,
+                    "alternating": "with trigger, without, with, ...",
+                    "jobs_per_s": "median of the rounds' rates",
                 },
                 "jobs": jobs,
                 "seconds": (seconds * 1000.0).round() / 1000.0,
                 "jobs_per_s": rate.round(),
+                "round_jobs_per_s": rates.iter().map(|r| r.round()).collect::<Vec<_>>(),
             }),
         );
     }
@@ -139,22 +155,36 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
     Ok(())
 }
 
-/// Runs `statement` from `clients` connections until the time is up.
+/// Rounds per table in the single-row figure.
+const ROUNDS: usize = 5;
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    percentile(&sorted, 50.0).unwrap_or(0.0)
+}
+
+/// Runs `statement` from `clients` connections for `seconds`.
 /// Returns the rows inserted and the seconds from start to the last commit.
-async fn single(db: &Scratch, statement: &str, spec: &EnqueueSpec) -> anyhow::Result<(u64, f64)> {
-    let mut clients = Vec::with_capacity(spec.clients);
-    for _ in 0..spec.clients {
+async fn single(
+    db: &Scratch,
+    statement: &str,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<(u64, f64)> {
+    let mut connections = Vec::with_capacity(clients);
+    for _ in 0..clients {
         let client = db.connect().await?;
         let prepared = client
             .prepare(statement)
             .await
             .context("preparing INSERT")?;
-        clients.push((client, prepared));
+        connections.push((client, prepared));
     }
     let started = Instant::now();
-    let stop_at = started + Duration::from_secs_f64(spec.seconds);
+    let stop_at = started + Duration::from_secs_f64(seconds);
     let mut tasks = JoinSet::new();
-    for (client, prepared) in clients {
+    for (client, prepared) in connections {
         tasks.spawn(async move {
             let mut inserted = 0u64;
             while Instant::now() < stop_at {

@@ -114,7 +114,20 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             None => "ready".to_string(),
         };
         let _ = out.send(Out::Line(ready));
+        let stats: Vec<_> = args
+            .queues
+            .iter()
+            .filter_map(|q| running.stats(q).map(|s| (q.clone(), s)))
+            .collect();
         running.stopped().await;
+        for (queue, stats) in stats {
+            // Claim sizes explain drain figures; stderr is the harness's log.
+            eprintln!(
+                "worker {queue}: {} claims took {} jobs",
+                stats.claims(),
+                stats.claimed()
+            );
+        }
         anyhow::Ok(())
     });
     let _ = out.send(Out::Line("stopped".to_string()));
