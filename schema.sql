@@ -758,4 +758,258 @@ INSERT INTO pgtasks.schema_version (version) VALUES (4);
 END
 $step$;
 
+-- Step 5: queue policies, as pg-boss has them, enforced by unique indexes so
+-- they hold across any number of instances:
+--   standard   no limit
+--   short      at most one job queued ('created') per key
+--   singleton  at most one job active per key
+--   stately    at most one job per key in each of created, retry, active
+--   exclusive  at most one job queued or active per key
+-- "Per key" is per singleton_key, all jobs without one sharing a key.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 5) THEN
+    RETURN;
+END IF;
+
+ALTER TABLE pgtasks.queue
+    ADD COLUMN policy text NOT NULL DEFAULT 'standard',
+    ADD CONSTRAINT queue_policy_known
+        CHECK (policy IN ('standard', 'short', 'singleton', 'stately', 'exclusive'));
+-- A job's copy of its queue's policy when it was inserted (NULL: standard);
+-- the indexes below need it on the row.
+ALTER TABLE pgtasks.job ADD COLUMN policy text;
+
+-- In a queue with a policy the key groups jobs for the policy; the step 3
+-- rule (one queued job per key) stays for standard queues.
+DROP INDEX pgtasks.job_singleton_queued_idx;
+CREATE UNIQUE INDEX job_singleton_queued_idx ON pgtasks.job (queue, singleton_key)
+    WHERE singleton_key IS NOT NULL AND state = 'created' AND policy IS NULL;
+
+-- Keyed rows carry their policy from the start, so the index above knows
+-- them at insert time. Keyed jobs are few (and sent one by one), so a row
+-- trigger limited to them costs the bulk path nothing.
+CREATE FUNCTION pgtasks.job_keyed_policy() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    SELECT nullif(q.policy, 'standard') INTO NEW.policy FROM pgtasks.queue q WHERE q.name = NEW.queue;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER job_keyed_policy
+    BEFORE INSERT ON pgtasks.job
+    FOR EACH ROW
+    WHEN (NEW.singleton_key IS NOT NULL)
+    EXECUTE FUNCTION pgtasks.job_keyed_policy();
+
+CREATE UNIQUE INDEX job_policy_short_idx ON pgtasks.job (queue, coalesce(singleton_key, ''))
+    WHERE policy = 'short' AND state = 'created';
+CREATE UNIQUE INDEX job_policy_singleton_idx ON pgtasks.job (queue, coalesce(singleton_key, ''))
+    WHERE policy = 'singleton' AND state = 'active';
+CREATE UNIQUE INDEX job_policy_stately_idx ON pgtasks.job (queue, state, coalesce(singleton_key, ''))
+    WHERE policy = 'stately' AND state IN ('created', 'retry', 'active');
+CREATE UNIQUE INDEX job_policy_exclusive_idx ON pgtasks.job (queue, coalesce(singleton_key, ''))
+    WHERE policy = 'exclusive' AND state IN ('created', 'retry', 'active');
+
+-- The insert trigger stamps the policy on rows of queues that have one
+-- (standard queues, the common case, pay nothing more), and turns an index
+-- conflict into an error that names the policy.
+CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+    notify boolean := pgtasks.notify_enabled();
+    trust_snapshot boolean := current_setting('transaction_isolation') = 'read committed';
+    locked text;
+    queue_policy text;
+    waiting boolean;
+BEGIN
+    FOR r IN
+        SELECT n.queue,
+               bool_or(n.state IN ('created', 'retry') AND n.run_at <= now()) AS due,
+               bool_or(n.state IN ('created', 'retry') AND n.run_at > now()) AS scheduled
+          FROM new_jobs n
+         GROUP BY n.queue
+    LOOP
+        IF notify AND trust_snapshot AND (r.due OR r.scheduled) THEN
+            -- An assignment, not PERFORM: evaluated without a query.
+            locked := pg_advisory_xact_lock_shared(pgtasks.waiter_lock_key(r.queue));
+        END IF;
+        SELECT (SELECT q.policy FROM pgtasks.queue q WHERE q.name = r.queue),
+               EXISTS (SELECT 1 FROM pgtasks.queue_waiter w
+                        WHERE w.queue = r.queue AND w.expires_at > now())
+          INTO queue_policy, waiting;
+        IF queue_policy IS NULL THEN
+            RAISE EXCEPTION 'pgtasks: unknown queue "%"', r.queue
+                USING ERRCODE = 'foreign_key_violation',
+                      HINT = 'Declare the queue in the pgtasks config or INSERT it into pgtasks.queue first.';
+        END IF;
+        IF queue_policy <> 'standard' THEN
+            BEGIN
+                UPDATE pgtasks.job j SET policy = queue_policy
+                 WHERE j.id IN (SELECT n.id FROM new_jobs n
+                                 WHERE n.queue = r.queue AND n.policy IS NULL);
+            EXCEPTION WHEN unique_violation THEN
+                RAISE EXCEPTION 'pgtasks: queue "%" has policy %: %', r.queue, queue_policy,
+                    CASE queue_policy
+                        WHEN 'short' THEN 'a job with this key is already queued'
+                        WHEN 'exclusive' THEN 'a job with this key is already queued or running'
+                        ELSE 'a job with this key is already in that state' END
+                    USING ERRCODE = 'unique_violation',
+                          HINT = 'pgtasks.send() and the HTTP API return the existing job instead.';
+            END;
+        END IF;
+        IF notify AND (waiting OR NOT trust_snapshot) THEN
+            IF r.due THEN
+                PERFORM pg_notify('pgtasks.' || r.queue, '');
+            END IF;
+            IF r.scheduled THEN
+                PERFORM pg_notify('pgtasks.' || r.queue, 'scheduled');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+-- The job a policy conflict is about: the one holding the key's place.
+CREATE FUNCTION pgtasks.policy_holder(queue text, singleton_key text) RETURNS bigint
+LANGUAGE sql STABLE AS $fn$
+    SELECT j.id FROM pgtasks.job j
+     WHERE j.queue = policy_holder.queue AND j.policy IS NOT NULL
+       AND coalesce(j.singleton_key, '') = coalesce(policy_holder.singleton_key, '')
+       AND j.state IN ('created', 'retry', 'active')
+     ORDER BY j.state = 'created' DESC, j.id
+     LIMIT 1
+$fn$;
+
+-- send() as in step 3, and a policy conflict returns the job holding the
+-- key's place with duplicate = true, as a singleton key does.
+CREATE OR REPLACE FUNCTION pgtasks.send(
+    queue text,
+    data jsonb DEFAULT '{}',
+    priority integer DEFAULT 0,
+    run_at timestamptz DEFAULT NULL,
+    delay interval DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    singleton_key text DEFAULT NULL,
+    singleton_seconds integer DEFAULT NULL,
+    OUT id bigint, OUT duplicate boolean)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    slot timestamptz;
+BEGIN
+    IF singleton_seconds IS NOT NULL THEN
+        IF singleton_key IS NULL THEN
+            RAISE EXCEPTION 'pgtasks.send: singleton_seconds needs a singleton_key'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF singleton_seconds < 1 THEN
+            RAISE EXCEPTION 'pgtasks.send: singleton_seconds must be at least 1'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        slot := to_timestamp(floor(extract(epoch FROM now()) / singleton_seconds) * singleton_seconds);
+    END IF;
+    LOOP
+        BEGIN
+            INSERT INTO pgtasks.job AS j (queue, data, priority, run_at, max_attempts, singleton_key, singleton_on)
+            VALUES (send.queue, coalesce(send.data, '{}'), coalesce(send.priority, 0),
+                    coalesce(send.run_at, now() + send.delay, now()), send.max_attempts,
+                    send.singleton_key, slot)
+            ON CONFLICT DO NOTHING
+            RETURNING j.id INTO id;
+        EXCEPTION WHEN unique_violation THEN
+            -- Raised by the insert trigger: the queue's policy refused it.
+            id := pgtasks.policy_holder(send.queue, send.singleton_key);
+            IF id IS NOT NULL THEN
+                duplicate := true;
+                RETURN;
+            END IF;
+            CONTINUE;
+        END;
+        IF id IS NOT NULL THEN
+            duplicate := false;
+            RETURN;
+        END IF;
+        SELECT j.id INTO id FROM pgtasks.job j
+         WHERE j.queue = send.queue AND j.singleton_key = send.singleton_key
+           AND ((j.state = 'created' AND j.policy IS NULL) OR j.singleton_on = slot)
+         ORDER BY j.id LIMIT 1;
+        id := coalesce(id, pgtasks.policy_holder(send.queue, send.singleton_key));
+        IF id IS NOT NULL THEN
+            duplicate := true;
+            RETURN;
+        END IF;
+        -- The conflicting job moved on between the two statements: try again.
+    END LOOP;
+END
+$fn$;
+
+-- fail_jobs as in step 2, and in a stately queue a failure whose key already
+-- has a job waiting to retry fails for good (dead-lettered if the queue has a
+-- dead-letter queue) instead of breaking the one-per-state rule.
+CREATE OR REPLACE FUNCTION pgtasks.fail_jobs(ids bigint[], attempts integer[], messages text[],
+                                  not_before interval[], final_attempts boolean[])
+RETURNS TABLE (id bigint, state pgtasks.job_state, run_at timestamptz)
+LANGUAGE sql AS $fn$
+    WITH failure AS (
+        SELECT f.id, f.attempt, f.message, f.not_before, f.final_attempt
+          FROM unnest(ids, attempts, messages, not_before, final_attempts)
+               AS f(id, attempt, message, not_before, final_attempt)
+    ), decided AS (
+        SELECT j.id, q.dead_letter,
+               CASE WHEN s.blocked
+                    THEN f.message || ' (not retried: policy stately, and another job with this key already waits to retry)'
+                    ELSE f.message END AS message,
+               j.attempt >= coalesce(j.max_attempts, q.retry_limit + 1)
+                   OR coalesce(f.final_attempt, false) OR s.blocked AS exhausted,
+               least(
+                   greatest(
+                       CASE WHEN q.retry_backoff
+                            THEN q.retry_delay * power(2, least(j.attempt - 1, 30))
+                            ELSE q.retry_delay END,
+                       coalesce(f.not_before, interval '0')),
+                   q.retry_delay_max) AS delay
+          FROM failure f
+          JOIN pgtasks.job j ON j.id = f.id AND j.attempt = f.attempt AND j.state = 'active'
+          JOIN pgtasks.queue q ON q.name = j.queue
+          CROSS JOIN LATERAL (
+              SELECT j.policy = 'stately' AND EXISTS (
+                         SELECT 1 FROM pgtasks.job r
+                          WHERE r.policy = 'stately' AND r.state = 'retry' AND r.queue = j.queue
+                            AND coalesce(r.singleton_key, '') = coalesce(j.singleton_key, '')
+                            AND r.id <> j.id) AS blocked) s
+           FOR UPDATE OF j
+    ), updated AS (
+        UPDATE pgtasks.job j
+           SET state = CASE WHEN d.exhausted THEN 'failed' ELSE 'retry' END::pgtasks.job_state,
+               run_at = CASE WHEN d.exhausted THEN j.run_at ELSE now() + d.delay END,
+               completed_at = CASE WHEN d.exhausted THEN now() END,
+               lease_until = NULL,
+               last_error = d.message,
+               errors = coalesce(j.errors, '[]'::jsonb)
+                        || jsonb_build_array(jsonb_build_object(
+                               'attempt', j.attempt, 'at', now(), 'error', d.message))
+          FROM decided d
+         WHERE j.id = d.id
+        RETURNING j.id, j.state, j.run_at, j.queue, j.data, j.priority, j.singleton_key,
+                  j.last_error, j.errors, d.exhausted, d.dead_letter
+    ), dead_lettered AS (
+        INSERT INTO pgtasks.job (queue, data, priority, last_error, errors,
+                                 dead_letter_of, dead_letter_from)
+        SELECT u.dead_letter, u.data, u.priority, u.last_error,
+               u.errors || jsonb_build_array(jsonb_build_object(
+                   'at', now(), 'error', 'dead-lettered from ' || u.queue || ' job ' || u.id)),
+               u.id, u.queue
+          FROM updated u
+         WHERE u.exhausted AND u.dead_letter IS NOT NULL
+    )
+    SELECT u.id, u.state, u.run_at FROM updated u
+$fn$;
+
+INSERT INTO pgtasks.schema_version (version) VALUES (5);
+END
+$step$;
+
 COMMIT;

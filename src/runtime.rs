@@ -230,8 +230,19 @@ impl Runtime {
                 .filter(|(_, q)| q.retention.is_zero())
                 .map(|(name, _)| name.clone())
                 .collect();
-            let (completer, acks) =
-                Completer::new(work_pool.clone(), wakeups.clone(), discard, capacity);
+            let wake_after_finish = config
+                .queues
+                .iter()
+                .filter(|(_, q)| q.policy.one_active_per_key())
+                .map(|(name, _)| name.clone())
+                .collect();
+            let (completer, acks) = Completer::new(
+                work_pool.clone(),
+                wakeups.clone(),
+                discard,
+                wake_after_finish,
+                capacity,
+            );
             let give_up = CancellationToken::new();
             let completer_done = tasks.spawn(completer.run(give_up.clone()));
 
@@ -254,6 +265,7 @@ impl Runtime {
                     abort: abort.clone(),
                     running: wakeups.running().clone(),
                     waiter: config.worker.listen.then(rand::random::<i64>),
+                    one_per_claim: config.queues[queue].policy.one_active_per_key(),
                 };
                 workers.spawn(worker.run(shutdown.clone()));
             }

@@ -34,19 +34,21 @@ pub struct NewJob {
 
 const UPSERT_QUEUE: &str = "
 INSERT INTO pgtasks.queue AS q
-       (name, retry_limit, retry_delay, retry_backoff, retry_delay_max, lease, retention, dead_letter)
+       (name, retry_limit, retry_delay, retry_backoff, retry_delay_max, lease, retention,
+        dead_letter, policy)
 VALUES ($1, $2, $3 * interval '1 second', $4, $5 * interval '1 second',
-        $6 * interval '1 second', $7 * interval '1 second', $8)
+        $6 * interval '1 second', $7 * interval '1 second', $8, $9)
 ON CONFLICT (name) DO UPDATE
    SET retry_limit = EXCLUDED.retry_limit, retry_delay = EXCLUDED.retry_delay,
        retry_backoff = EXCLUDED.retry_backoff, retry_delay_max = EXCLUDED.retry_delay_max,
        lease = EXCLUDED.lease, retention = EXCLUDED.retention,
-       dead_letter = EXCLUDED.dead_letter, updated_at = now()
+       dead_letter = EXCLUDED.dead_letter, policy = EXCLUDED.policy, updated_at = now()
  WHERE (q.retry_limit, q.retry_delay, q.retry_backoff, q.retry_delay_max, q.lease,
-        q.retention, q.dead_letter)
+        q.retention, q.dead_letter, q.policy)
        IS DISTINCT FROM
        (EXCLUDED.retry_limit, EXCLUDED.retry_delay, EXCLUDED.retry_backoff,
-        EXCLUDED.retry_delay_max, EXCLUDED.lease, EXCLUDED.retention, EXCLUDED.dead_letter)";
+        EXCLUDED.retry_delay_max, EXCLUDED.lease, EXCLUDED.retention, EXCLUDED.dead_letter,
+        EXCLUDED.policy)";
 
 /// Creates the queue or brings its policy in line with `policy`; leaves
 /// `paused` alone. Call inside one transaction for several queues: the
@@ -70,6 +72,7 @@ pub async fn upsert_queue(
                 &policy.lease.as_secs_f64(),
                 &policy.retention.as_secs_f64(),
                 &policy.dead_letter,
+                &policy.policy.as_str(),
             ],
         )
         .await?;
@@ -120,12 +123,25 @@ pub async fn insert_jobs(client: &impl GenericClient, jobs: &[NewJob]) -> Result
 }
 
 const CLAIM_JOBS: &str = "
-WITH next AS (
-    SELECT id FROM pgtasks.job
-     WHERE queue = $1 AND state IN ('created', 'retry') AND run_at <= now()
-       AND NOT EXISTS (SELECT 1 FROM pgtasks.queue WHERE name = $1 AND paused)
-     ORDER BY priority DESC, run_at, id
-     LIMIT $2
+WITH policy AS (
+    SELECT paused, policy IN ('singleton', 'stately') AS one_active_per_key
+      FROM pgtasks.queue WHERE name = $1
+), next AS (
+    SELECT c.id FROM pgtasks.job c
+     WHERE c.queue = $1 AND c.state IN ('created', 'retry') AND c.run_at <= now()
+       AND NOT (SELECT paused FROM policy)
+       -- singleton and stately: skip keys with a running job (each test
+       -- below is served by its policy's unique index).
+       AND (NOT (SELECT one_active_per_key FROM policy) OR (
+            NOT EXISTS (SELECT 1 FROM pgtasks.job a
+                         WHERE a.policy = 'singleton' AND a.state = 'active' AND a.queue = $1
+                           AND coalesce(a.singleton_key, '') = coalesce(c.singleton_key, ''))
+        AND NOT EXISTS (SELECT 1 FROM pgtasks.job a
+                         WHERE a.policy = 'stately' AND a.state = 'active' AND a.queue = $1
+                           AND coalesce(a.singleton_key, '') = coalesce(c.singleton_key, ''))))
+     ORDER BY c.priority DESC, c.run_at, c.id
+     -- ...and one job per claim, so one batch cannot take a key twice.
+     LIMIT CASE WHEN (SELECT one_active_per_key FROM policy) THEN 1 ELSE $2::bigint END
        FOR UPDATE SKIP LOCKED
 ), woken AS (
     -- A waiting worker that got work is awake: inserts stop notifying it.
@@ -151,7 +167,10 @@ pub struct Claimed {
 }
 
 /// Claims up to `limit` due jobs of `queue` in one statement, highest
-/// priority first, skipping rows other workers hold. None when paused.
+/// priority first, skipping rows other workers hold. None when paused; at
+/// most one, of a key with none running, under the singleton and stately
+/// policies. Two instances racing for one key: the loser's claim fails with
+/// `unique_violation` and claims nothing.
 /// When it claims any, the `waiter` record (if given) is marked awake.
 pub async fn claim_jobs(
     client: &impl GenericClient,

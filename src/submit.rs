@@ -40,6 +40,12 @@ impl From<deadpool_postgres::PoolError> for SubmitError {
 }
 
 impl SubmitError {
+    /// A unique index refused the row (a queue policy, a singleton key).
+    fn is_unique_violation(&self) -> bool {
+        matches!(self, SubmitError::Db(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+    }
+
     /// Whether the database could not be reached (as opposed to refusing the row).
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -137,15 +143,19 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
                 }));
             }
         }
-        Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
-            // Something in one row was refused: find it by inserting each alone.
+        Err(e) if (jobs.len() > 1 || e.is_unique_violation()) && !e.is_unavailable() => {
+            // Something in one row was refused: find it by inserting each
+            // alone. A row a queue policy refuses gets the job holding its
+            // place, as a duplicate (`pgtasks.send`).
             for (job, reply) in jobs.into_iter().zip(replies) {
-                let result = insert(pool, std::slice::from_ref(&job))
-                    .await
-                    .map(|ids| Submitted {
+                let result = match insert(pool, std::slice::from_ref(&job)).await {
+                    Ok(ids) => Ok(Submitted {
                         id: ids[0],
                         duplicate: false,
-                    });
+                    }),
+                    Err(e) if e.is_unique_violation() => send(pool, &job).await,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(result);
             }
         }

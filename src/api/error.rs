@@ -71,6 +71,9 @@ impl From<tokio_postgres::Error> for ApiError {
         let message = db.message().to_string();
         if *code == SqlState::FOREIGN_KEY_VIOLATION {
             ApiError::not_found(message)
+        } else if *code == SqlState::UNIQUE_VIOLATION {
+            // A queue policy or singleton key holds another job's place.
+            ApiError::conflict(message)
         } else if [
             SqlState::CHECK_VIOLATION,
             SqlState::NOT_NULL_VIOLATION,

@@ -249,6 +249,42 @@ impl Default for ApiConfig {
     }
 }
 
+/// pg-boss's queue policies; "per key" is per `singleton_key`, jobs without
+/// one sharing a key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueuePolicy {
+    /// No limit.
+    #[default]
+    Standard,
+    /// At most one job queued per key.
+    Short,
+    /// At most one job running per key.
+    Singleton,
+    /// At most one job per key in each of queued, retrying and running.
+    Stately,
+    /// At most one job queued or running per key.
+    Exclusive,
+}
+
+impl QueuePolicy {
+    /// The name stored in `pgtasks.queue.policy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueuePolicy::Standard => "standard",
+            QueuePolicy::Short => "short",
+            QueuePolicy::Singleton => "singleton",
+            QueuePolicy::Stately => "stately",
+            QueuePolicy::Exclusive => "exclusive",
+        }
+    }
+
+    /// Claims take one job at a time (so a batch cannot take a key twice).
+    pub fn one_active_per_key(self) -> bool {
+        matches!(self, QueuePolicy::Singleton | QueuePolicy::Stately)
+    }
+}
+
 /// A queue's policy. Stored in `pgtasks.queue` at startup, where every
 /// instance (and SQL users) read it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,6 +314,9 @@ pub struct QueueConfig {
     /// Queue that receives a copy of each job that exhausts its attempts.
     #[serde(deserialize_with = "lenient::optional_string")]
     pub dead_letter: Option<String>,
+    /// Limits on the queue's jobs, enforced by the database (README "Queue
+    /// policies"). Default standard (none).
+    pub policy: QueuePolicy,
     /// The `<name>` in `POST /api/jobs/<name>`, as in the seed's routes.
     #[serde(deserialize_with = "lenient::optional_string")]
     pub route: Option<String>,
@@ -298,6 +337,7 @@ impl Default for QueueConfig {
             lease: Duration::from_secs(15 * 60),
             retention: Duration::from_secs(7 * 24 * 3600),
             dead_letter: None,
+            policy: QueuePolicy::Standard,
             route: None,
             handler: None,
         }

@@ -52,6 +52,9 @@ pub struct Completer {
     acks: mpsc::Receiver<Ack>,
     /// Queues with retention 0: their completed jobs are deleted, not kept.
     discard: HashSet<String>,
+    /// Queues whose workers look again once a job is finished (singleton,
+    /// stately: the finished job may have been holding its key).
+    wake_after_finish: HashSet<String>,
 }
 
 impl Completer {
@@ -59,6 +62,7 @@ impl Completer {
         pool: Pool,
         wakeups: Wakeups,
         discard: HashSet<String>,
+        wake_after_finish: HashSet<String>,
         capacity: usize,
     ) -> (Completer, AckSender) {
         let (tx, rx) = mpsc::channel(capacity);
@@ -68,6 +72,7 @@ impl Completer {
                 wakeups,
                 acks: rx,
                 discard,
+                wake_after_finish,
             },
             tx,
         )
@@ -180,6 +185,17 @@ impl Completer {
         if !finished.is_empty() {
             // Wakes `?wait=` requests on any instance; the outcome is already committed.
             store::notify_finished(&client, &finished).await?;
+        }
+        if !self.wake_after_finish.is_empty() {
+            let queues: HashSet<&str> = batch.iter().map(|a| &*a.queue).collect();
+            for queue in queues
+                .into_iter()
+                .filter(|q| self.wake_after_finish.contains(*q))
+            {
+                if let Some(wakeup) = self.wakeups.get(queue) {
+                    wakeup.wake();
+                }
+            }
         }
         Ok(())
     }

@@ -94,6 +94,8 @@ pub struct QueueWorker {
     /// This worker's id in `pgtasks.queue_waiter`; `None` in poll-only mode
     /// (no listener), where notifications are never needed.
     pub waiter: Option<i64>,
+    /// The queue's policy lets a claim take only one job (singleton, stately).
+    pub one_per_claim: bool,
 }
 
 /// Why the worker woke up; logged at debug.
@@ -181,6 +183,13 @@ impl QueueWorker {
                         if claim.any || waiting != Waiting::Yes || reason == Wake::Poll {
                             waiting = Waiting::No;
                         }
+                    }
+                    Err(e) if is_policy_race(&*e) => {
+                        // Another instance started a job of the same key
+                        // first (singleton, stately): nothing to claim now.
+                        failures += 1;
+                        waiting = Waiting::No;
+                        debug!(queue = %self.queue, "claim lost a policy race; will retry");
                     }
                     Err(e) => {
                         failures += 1;
@@ -299,7 +308,9 @@ impl QueueWorker {
             self.stats
                 .claimed
                 .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-            let full = claimed.len() == free;
+            // Under singleton and stately a claim takes one job: go on
+            // while one comes back.
+            let full = claimed.len() == free || (self.one_per_claim && !claimed.is_empty());
             for claim in claimed {
                 let Some(slot) = permits.split(1) else { break };
                 let attempt = Attempt {
@@ -375,4 +386,12 @@ impl QueueWorker {
         let next = store::next_run_in(&client, &self.queue).await?;
         Ok(next.map(|d| Instant::now() + d + Duration::from_millis(1)))
     }
+}
+
+/// A claim refused by a policy's unique index: another claim got the key.
+fn is_policy_race(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|code| *code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
 }

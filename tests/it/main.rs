@@ -7,6 +7,7 @@ mod config;
 mod engine;
 mod features;
 mod listener;
+mod policies;
 mod schema;
 mod shutdown;
 mod support;
