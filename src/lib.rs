@@ -19,6 +19,7 @@
 //! queue make a lost notification cost latency, never a job.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod handler;
@@ -36,6 +37,7 @@ pub mod submit;
 pub mod wakeup;
 pub mod worker;
 
+pub use client::Client;
 pub use config::Config;
 pub use handler::{BoxError, Handler, HandlerResult, JobContext, JobError, Retry};
 pub use job::{Job, JobState};

@@ -32,6 +32,53 @@ pub struct NewJob {
     pub singleton_seconds: Option<i32>,
 }
 
+impl NewJob {
+    /// A job for `queue` with default options; chain the setters below.
+    pub fn new(queue: &str, data: Value) -> NewJob {
+        NewJob {
+            queue: queue.to_string(),
+            data,
+            ..NewJob::default()
+        }
+    }
+
+    /// Higher runs first.
+    pub fn priority(mut self, priority: i32) -> NewJob {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Due at this time.
+    pub fn run_at(mut self, at: DateTime<Utc>) -> NewJob {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Due this long after the database's clock says now.
+    pub fn delay(mut self, delay: Duration) -> NewJob {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Attempts in all, instead of the queue's retry limit + 1.
+    pub fn max_attempts(mut self, attempts: i32) -> NewJob {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Singleton key (and, in a queue with a policy, the policy's key).
+    pub fn singleton_key(mut self, key: &str) -> NewJob {
+        self.singleton_key = Some(key.to_string());
+        self
+    }
+
+    /// With a singleton key: at most one job per key per slot of this many seconds.
+    pub fn singleton_seconds(mut self, seconds: i32) -> NewJob {
+        self.singleton_seconds = Some(seconds);
+        self
+    }
+}
+
 const UPSERT_QUEUE: &str = "
 INSERT INTO pgtasks.queue AS q
        (name, retry_limit, retry_delay, retry_backoff, retry_delay_max, lease, retention,

@@ -2,6 +2,7 @@
 //! tests). Each test has a database of its own, so they run in parallel.
 
 mod api;
+mod client;
 mod command;
 mod config;
 mod engine;
