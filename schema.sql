@@ -729,6 +729,9 @@ $fn$;
 -- finished jobs until vacuum (a drain of 100,000 jobs slowed down steadily).
 CREATE INDEX job_leased_idx ON pgtasks.job (lease_until) WHERE lease_until IS NOT NULL;
 DROP INDEX pgtasks.job_active_lease_idx;
+-- Every insert paid for an entry here; the worker's timer now finds the next
+-- run_at on the claim index (a skip scan over the queue's priorities).
+DROP INDEX pgtasks.job_waiting_run_at_idx;
 -- The table churns (every job is inserted, claimed, finished, deleted):
 -- vacuum and analyze it sooner than the stock 20% / 10% of its rows.
 ALTER TABLE pgtasks.job SET (autovacuum_vacuum_scale_factor = 0.02,

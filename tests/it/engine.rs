@@ -468,3 +468,51 @@ async fn retries_due_in_milliseconds_are_not_left_for_the_poll() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+/// The worker's timer finds the earliest future job whatever its priority
+/// (a skip scan over priorities on the claim index): each delayed job
+/// starts at its time, not when a later timer or the minute-long poll fires.
+#[tokio::test]
+async fn delayed_jobs_of_every_priority_start_at_their_own_time() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, priority, run_at)
+             VALUES ('readme-queue', 10, now() + interval '2.5 seconds'),
+                    ('readme-queue', 0, now() + interval '300 milliseconds'),
+                    ('readme-queue', -5, now() + interval '900 milliseconds')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for_state(&client, "completed", 3, SECS_10).await;
+    let lateness: Vec<(i32, f64)> = client
+        .query(
+            "SELECT priority, extract(epoch FROM started_at - run_at)::float8
+               FROM pgtasks.job ORDER BY run_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Never early; late by far less than the gap to the next job's time.
+    for (priority, late) in &lateness {
+        assert!(
+            (0.0..0.5).contains(late),
+            "priority {priority} started {late:.3} s after its run_at: {lateness:?}"
+        );
+    }
+    shutdown.cancel();
+    running.stopped().await;
+}
