@@ -144,13 +144,14 @@ impl Completer {
         }
         if !completed.ids.is_empty() {
             store::complete_jobs(&client, &completed.ids, &completed.attempts, &outputs).await?;
-            for ack in batch
-                .iter()
-                .filter(|a| matches!(a.outcome, Outcome::Completed(_)))
-            {
-                metrics::counter!("pgtasks_jobs_completed_total", "queue" => ack.queue.to_string())
-                    .increment(1);
-            }
+        }
+        // Both kinds are completions, kept or not.
+        for ack in batch
+            .iter()
+            .filter(|a| matches!(a.outcome, Outcome::Completed(_)))
+        {
+            metrics::counter!("pgtasks_jobs_completed_total", "queue" => ack.queue.to_string())
+                .increment(1);
         }
         if !failed.ids.is_empty() {
             let results =
