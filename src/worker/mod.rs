@@ -298,7 +298,7 @@ impl QueueWorker {
             };
             let claimed = {
                 let client = self.pool.get().await?;
-                store::claim_jobs(&client, &self.queue, free, waiter).await?
+                store::claim_jobs(&client, &self.queue, free, waiter, self.one_per_claim).await?
             };
             if !claimed.is_empty() {
                 any = true;
