@@ -40,6 +40,15 @@ LOG=$ROOT/target/bench/$STAMP.log
 note() { printf '\n== %s\n' "$*" >&2; }
 SKIPPED=()
 
+# The HTTP figures (ours and the seed app's) need wrk: install it where apt can.
+if ! command -v wrk >/dev/null && command -v apt-get >/dev/null; then
+    note "installing wrk"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q wrk >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; } \
+        || echo "could not install wrk: the HTTP figures will be skipped" >&2
+fi
+
 note "building"
 cargo build --release --quiet --bin pgtasks --bin pgtasks-bench || exit 1
 BENCH=$ROOT/target/release/pgtasks-bench
