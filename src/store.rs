@@ -334,6 +334,15 @@ pub async fn worker_waiting(
     Ok(row.get(0))
 }
 
+const WAITERS_SETTLED: &str = "SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key($1))";
+
+/// Asks again, without writing, whether inserts that could have missed a
+/// waiting record (already recorded) have all committed.
+pub async fn waiters_settled(client: &impl GenericClient, queue: &str) -> Result<bool, Error> {
+    let statement = client.prepare_cached(WAITERS_SETTLED).await?;
+    Ok(client.query_one(&statement, &[&queue]).await?.get(0))
+}
+
 const WORKER_GONE: &str = "DELETE FROM pgtasks.queue_waiter WHERE queue = $1 AND worker = $2";
 
 /// Removes a stopping worker's waiting record.

@@ -130,8 +130,12 @@ enum Waiting {
 const GATHER_MAX: Duration = Duration::from_millis(2);
 
 /// First and longest pause before asking again whether inserts settled.
+/// Short: jobs inserted while the worker was awake wait for this answer when
+/// no later insert notifies (measured: a 100 ms cap gave 115 ms p90 pickup
+/// at 1,000 single-row inserts/s; 5 ms gave 5 ms). Asking again is a
+/// read-only statement.
 const SETTLE_FIRST: Duration = Duration::from_millis(1);
-const SETTLE_MAX: Duration = Duration::from_millis(100);
+const SETTLE_MAX: Duration = Duration::from_millis(5);
 
 impl QueueWorker {
     /// Claims and starts jobs until `stop` fires. Attempts already running
@@ -207,7 +211,15 @@ impl QueueWorker {
             if let Some(worker) = self.waiter {
                 let idle = !more_waiting && failures == 0 && !stop.is_cancelled();
                 if idle && waiting != Waiting::Yes {
-                    match self.record_waiting(worker).await {
+                    // Recorded already and only asking again: no write needed.
+                    let asking_again =
+                        reason == Wake::Settle && matches!(waiting, Waiting::Unsettled(_));
+                    let settled = if asking_again {
+                        self.waiters_settled().await
+                    } else {
+                        self.record_waiting(worker).await
+                    };
+                    match settled {
                         Ok(true) => {
                             waiting = Waiting::Yes;
                             // 'scheduled' notifications were skipped while awake.
@@ -361,6 +373,11 @@ impl QueueWorker {
         let client = self.pool.get().await?;
         let lifetime = self.poll_interval * 2 + Duration::from_secs(10);
         Ok(store::worker_waiting(&client, &self.queue, worker, lifetime).await?)
+    }
+
+    async fn waiters_settled(&self) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        let client = self.pool.get().await?;
+        Ok(store::waiters_settled(&client, &self.queue).await?)
     }
 
     /// Best effort at shutdown: a record left behind only expires later.
