@@ -590,7 +590,10 @@ INSERT INTO pgtasks.schema_version (version) VALUES (3);
 END
 $step$;
 
--- Step 4: notify only while a worker waits. A transaction that has sent a
+-- Step 4: notify only while a worker waits, a leaner job table, and queue
+-- policies.
+--
+-- Notify only while a worker waits. A transaction that has sent a
 -- NOTIFY holds a cluster-wide lock through its commit's WAL flush, so if
 -- every insert notified, concurrent enqueues would commit one at a time.
 -- Instead a worker about to sleep records itself in queue_waiter, and the
@@ -656,60 +659,21 @@ $fn$;
 -- returns true when no insert that could have missed the record is still
 -- in flight (the worker then looks at the queue once more and sleeps),
 -- false when one is (the worker asks again shortly).
+-- True when no insert that could have missed a waiting record is in flight
+-- (none holds the queue's lock shared). Takes the lock exclusively without
+-- waiting, until the end of the transaction.
+CREATE FUNCTION pgtasks.waiters_settled(queue text) RETURNS boolean
+LANGUAGE sql AS $fn$
+    SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key(waiters_settled.queue));
+$fn$;
+
 CREATE FUNCTION pgtasks.worker_waiting(queue text, worker bigint, lifetime interval)
 RETURNS boolean
 LANGUAGE sql AS $fn$
     INSERT INTO pgtasks.queue_waiter (queue, worker, expires_at)
     VALUES (worker_waiting.queue, worker_waiting.worker, now() + worker_waiting.lifetime)
     ON CONFLICT (queue, worker) DO UPDATE SET expires_at = EXCLUDED.expires_at;
-    SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key(worker_waiting.queue));
-$fn$;
-
--- The insert trigger again, leaner: it runs for every INSERT statement, so
--- each query in it costs every producer. One grouped read of the new rows,
--- then per queue one lookup answering both "does the queue exist" and "does a
--- worker wait" (after the shared lock, so that read sees any settled record).
-CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    r record;
-    notify boolean := pgtasks.notify_enabled();
-    trust_snapshot boolean := current_setting('transaction_isolation') = 'read committed';
-    locked text;
-    known boolean;
-    waiting boolean;
-BEGIN
-    FOR r IN
-        SELECT n.queue,
-               bool_or(n.state IN ('created', 'retry') AND n.run_at <= now()) AS due,
-               bool_or(n.state IN ('created', 'retry') AND n.run_at > now()) AS scheduled
-          FROM new_jobs n
-         GROUP BY n.queue
-    LOOP
-        IF notify AND trust_snapshot AND (r.due OR r.scheduled) THEN
-            -- An assignment, not PERFORM: evaluated without a query.
-            locked := pg_advisory_xact_lock_shared(pgtasks.waiter_lock_key(r.queue));
-        END IF;
-        SELECT EXISTS (SELECT 1 FROM pgtasks.queue q WHERE q.name = r.queue),
-               EXISTS (SELECT 1 FROM pgtasks.queue_waiter w
-                        WHERE w.queue = r.queue AND w.expires_at > now())
-          INTO known, waiting;
-        IF NOT known THEN
-            RAISE EXCEPTION 'pgtasks: unknown queue "%"', r.queue
-                USING ERRCODE = 'foreign_key_violation',
-                      HINT = 'Declare the queue in the pgtasks config or INSERT it into pgtasks.queue first.';
-        END IF;
-        IF notify AND (waiting OR NOT trust_snapshot) THEN
-            IF r.due THEN
-                PERFORM pg_notify('pgtasks.' || r.queue, '');
-            END IF;
-            IF r.scheduled THEN
-                PERFORM pg_notify('pgtasks.' || r.queue, 'scheduled');
-            END IF;
-        END IF;
-    END LOOP;
-    RETURN NULL;
-END
+    SELECT pgtasks.waiters_settled(worker_waiting.queue);
 $fn$;
 
 CREATE OR REPLACE FUNCTION pgtasks.job_available_again() RETURNS trigger
@@ -757,11 +721,7 @@ BEGIN
 END
 $fn$;
 
-INSERT INTO pgtasks.schema_version (version) VALUES (4);
-END
-$step$;
-
--- Step 5: queue policies, as pg-boss has them, enforced by unique indexes so
+-- Queue policies, as pg-boss has them, enforced by unique indexes so
 -- they hold across any number of instances:
 --   standard   no limit
 --   short      at most one job queued ('created') per key
@@ -769,11 +729,6 @@ $step$;
 --   stately    at most one job per key in each of created, retry, active
 --   exclusive  at most one job queued or active per key
 -- "Per key" is per singleton_key, all jobs without one sharing a key.
-DO $step$
-BEGIN
-IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 5) THEN
-    RETURN;
-END IF;
 
 ALTER TABLE pgtasks.queue
     ADD COLUMN policy text NOT NULL DEFAULT 'standard',
@@ -815,7 +770,11 @@ CREATE UNIQUE INDEX job_policy_stately_idx ON pgtasks.job (queue, state, coalesc
 CREATE UNIQUE INDEX job_policy_exclusive_idx ON pgtasks.job (queue, coalesce(singleton_key, ''))
     WHERE policy = 'exclusive' AND state IN ('created', 'retry', 'active');
 
--- The insert trigger stamps the policy on rows of queues that have one
+-- The insert trigger again. It runs for every INSERT statement, so each
+-- query in it costs every producer: one grouped read of the new rows, then
+-- per queue one lookup answering both "which policy has the queue (does it
+-- exist)" and "does a worker wait" (after the shared lock, so that read sees
+-- any settled record). It stamps the policy on rows of queues that have one
 -- (standard queues, the common case, pay nothing more), and turns an index
 -- conflict into an error that names the policy.
 CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
@@ -1011,7 +970,7 @@ LANGUAGE sql AS $fn$
     SELECT u.id, u.state, u.run_at FROM updated u
 $fn$;
 
-INSERT INTO pgtasks.schema_version (version) VALUES (5);
+INSERT INTO pgtasks.schema_version (version) VALUES (4);
 END
 $step$;
 

@@ -334,7 +334,7 @@ pub async fn worker_waiting(
     Ok(row.get(0))
 }
 
-const WAITERS_SETTLED: &str = "SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key($1))";
+const WAITERS_SETTLED: &str = "SELECT pgtasks.waiters_settled($1)";
 
 /// Asks again, without writing, whether inserts that could have missed a
 /// waiting record (already recorded) have all committed.

@@ -1,4 +1,4 @@
-//! Queue policies (schema step 5): limits enforced by unique indexes, so
+//! Queue policies (schema step 4): limits enforced by unique indexes, so
 //! they hold for plain SQL, `pgtasks.send`, HTTP and any number of instances.
 
 use std::collections::HashMap;
