@@ -27,6 +27,7 @@ use serde_json::Value;
 use crate::config::DatabaseConfig;
 use crate::db::{self, DbError};
 use crate::job::JobRecord;
+pub use crate::store::Sent;
 use crate::store::{self, NewJob, ScheduleRecord, Transition};
 
 /// What a client call can fail with.
@@ -58,14 +59,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A submitted job's id, and whether it is an existing job's (a singleton
-/// key, throttle slot or queue policy held the place).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sent {
-    pub id: i64,
-    pub duplicate: bool,
-}
-
 /// Submits and manages jobs. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct Client {
@@ -95,8 +88,7 @@ impl Client {
     /// Submits one job with options (`pgtasks.send`).
     pub async fn send_job(&self, job: &NewJob) -> Result<Sent, ClientError> {
         let client = self.pool.get().await?;
-        let (id, duplicate) = store::send_job(&client, job).await?;
-        Ok(Sent { id, duplicate })
+        Ok(store::send_job(&client, job).await?)
     }
 
     /// Submits many jobs in one statement (one notification per queue);

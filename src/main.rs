@@ -198,13 +198,12 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<()> {
         singleton_key: args.singleton_key,
         singleton_seconds: args.singleton_seconds,
     };
-    let (id, duplicate) =
-        pgtasks::store::send_job(&client, &job)
-            .await
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => anyhow::anyhow!("{}", db.message()),
-                None => anyhow::anyhow!(e),
-            })?;
+    let pgtasks::store::Sent { id, duplicate } = pgtasks::store::send_job(&client, &job)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => anyhow::anyhow!("{}", db.message()),
+            None => anyhow::anyhow!(e),
+        })?;
     println!("{id}");
     if duplicate {
         eprintln!("duplicate: job {id} with this singleton key was already queued");

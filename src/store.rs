@@ -592,9 +592,17 @@ const SEND_JOB: &str = "
 SELECT id, duplicate
   FROM pgtasks.send($1, $2, $3, $4, $5 * interval '1 second', $6, $7, $8)";
 
-/// Inserts one job through `pgtasks.send`, which deduplicates singleton keys:
-/// returns the id and whether it is an existing job's.
-pub async fn send_job(client: &impl GenericClient, job: &NewJob) -> Result<(i64, bool), Error> {
+/// A submitted job's id, and whether it is an existing job's (a singleton
+/// key, throttle slot or queue policy held the place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub id: i64,
+    pub duplicate: bool,
+}
+
+/// Inserts one job through `pgtasks.send`, which answers a singleton key,
+/// throttle slot or queue policy that holds the place with that job.
+pub async fn send_job(client: &impl GenericClient, job: &NewJob) -> Result<Sent, Error> {
     let statement = client.prepare_cached(SEND_JOB).await?;
     let delay = job.delay.map(|d| d.as_secs_f64());
     let row = client
@@ -612,7 +620,10 @@ pub async fn send_job(client: &impl GenericClient, job: &NewJob) -> Result<(i64,
             ],
         )
         .await?;
-    Ok((row.get(0), row.get(1)))
+    Ok(Sent {
+        id: row.get(0),
+        duplicate: row.get(1),
+    })
 }
 
 /// What a state-changing call found.

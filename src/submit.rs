@@ -16,7 +16,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::store::{self, NewJob};
+use crate::store::{self, NewJob, Sent};
 
 /// Jobs inserted by one statement at most.
 pub const MAX_BATCH: usize = 500;
@@ -55,17 +55,9 @@ impl SubmitError {
     }
 }
 
-/// A submitted job's id, and whether it is an existing job's (a singleton
-/// key that was already queued).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Submitted {
-    pub id: i64,
-    pub duplicate: bool,
-}
-
 struct Request {
     job: NewJob,
-    reply: oneshot::Sender<Result<Submitted, SubmitError>>,
+    reply: oneshot::Sender<Result<Sent, SubmitError>>,
 }
 
 /// A handle to submit jobs through the coalescer. Cheap to clone.
@@ -85,7 +77,7 @@ impl Submitter {
     }
 
     /// Inserts one job and returns its id once committed.
-    pub async fn submit(&self, job: NewJob) -> Result<Submitted, SubmitError> {
+    pub async fn submit(&self, job: NewJob) -> Result<Sent, SubmitError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request { job, reply })
@@ -137,26 +129,23 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
     match insert(pool, &jobs).await {
         Ok(ids) => {
             for (reply, id) in replies.into_iter().zip(ids) {
-                let _ = reply.send(Ok(Submitted {
+                let _ = reply.send(Ok(Sent {
                     id,
                     duplicate: false,
                 }));
             }
         }
-        Err(e) if (jobs.len() > 1 || e.is_unique_violation()) && !e.is_unavailable() => {
-            // Something in one row was refused: find it by inserting each
-            // alone. A row a queue policy refuses gets the job holding its
-            // place, as a duplicate (`pgtasks.send`).
-            for (job, reply) in jobs.into_iter().zip(replies) {
-                let result = match insert(pool, std::slice::from_ref(&job)).await {
-                    Ok(ids) => Ok(Submitted {
-                        id: ids[0],
-                        duplicate: false,
-                    }),
-                    Err(e) if e.is_unique_violation() => send(pool, &job).await,
-                    Err(e) => Err(e),
-                };
+        Err(e) if jobs.len() == 1 && e.is_unique_violation() => {
+            // A queue policy holds the place: answer with that job.
+            let result = send(pool, &jobs[0]).await;
+            if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(result);
+            }
+        }
+        Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
+            // Something in one row was refused: find it by inserting each alone.
+            for (job, reply) in jobs.iter().zip(replies) {
+                let _ = reply.send(insert_one(pool, job).await);
             }
         }
         Err(e) => {
@@ -178,8 +167,20 @@ async fn insert(pool: &Pool, jobs: &[NewJob]) -> Result<Vec<i64>, SubmitError> {
     Ok(store::insert_jobs(&client, jobs).await?)
 }
 
-async fn send(pool: &Pool, job: &NewJob) -> Result<Submitted, SubmitError> {
+/// One row alone; a row a queue policy refuses gets the job holding its
+/// place, as a duplicate (`pgtasks.send`).
+async fn insert_one(pool: &Pool, job: &NewJob) -> Result<Sent, SubmitError> {
+    match insert(pool, std::slice::from_ref(job)).await {
+        Ok(ids) => Ok(Sent {
+            id: ids[0],
+            duplicate: false,
+        }),
+        Err(e) if e.is_unique_violation() => send(pool, job).await,
+        Err(e) => Err(e),
+    }
+}
+
+async fn send(pool: &Pool, job: &NewJob) -> Result<Sent, SubmitError> {
     let client = pool.get().await?;
-    let (id, duplicate) = store::send_job(&client, job).await?;
-    Ok(Submitted { id, duplicate })
+    Ok(store::send_job(&client, job).await?)
 }

@@ -140,9 +140,9 @@ pub async fn submit_batch(
         let mut ids = Vec::with_capacity(jobs.len());
         let mut duplicates = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            let (id, duplicate) = store::send_job(&tx, job).await?;
-            ids.push(id);
-            duplicates.push(duplicate);
+            let sent = store::send_job(&tx, job).await?;
+            ids.push(sent.id);
+            duplicates.push(sent.duplicate);
         }
         (ids, Some(duplicates))
     } else {
