@@ -211,33 +211,14 @@ impl QueueWorker {
             if let Some(worker) = self.waiter {
                 let idle = !more_waiting && failures == 0 && !stop.is_cancelled();
                 if idle && waiting != Waiting::Yes {
-                    // Recorded already and only asking again: no write needed.
                     let asking_again =
                         reason == Wake::Settle && matches!(waiting, Waiting::Unsettled(_));
-                    let settled = if asking_again {
-                        self.waiters_settled().await
-                    } else {
-                        self.record_waiting(worker).await
-                    };
-                    match settled {
-                        Ok(true) => {
-                            waiting = Waiting::Yes;
-                            // 'scheduled' notifications were skipped while awake.
-                            refresh_timer = true;
-                            reason = Wake::Recheck;
-                            continue;
-                        }
-                        Ok(false) => {
-                            self.stats.unsettled.fetch_add(1, Ordering::Relaxed);
-                            waiting = Waiting::Unsettled(match waiting {
-                                Waiting::Unsettled(d) => (d * 2).min(SETTLE_MAX),
-                                _ => SETTLE_FIRST,
-                            })
-                        }
-                        Err(e) => {
-                            warn!(queue = %self.queue, error = %e, "recording the worker as waiting failed");
-                            waiting = Waiting::No;
-                        }
+                    waiting = self.prepare_to_sleep(worker, waiting, asking_again).await;
+                    if waiting == Waiting::Yes {
+                        // 'scheduled' notifications were skipped while awake.
+                        refresh_timer = true;
+                        reason = Wake::Recheck;
+                        continue;
                     }
                 }
             }
@@ -361,6 +342,31 @@ impl QueueWorker {
                 _ = stop.cancelled() => return,
                 _ = slot_freed.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Before sleeping with nothing to claim: records this worker as waiting
+    /// (or, when it is recorded already and only asking again, checks
+    /// without writing) so that inserts wake it. Returns where it stands.
+    async fn prepare_to_sleep(&self, worker: i64, waiting: Waiting, asking_again: bool) -> Waiting {
+        let settled = if asking_again {
+            self.waiters_settled().await
+        } else {
+            self.record_waiting(worker).await
+        };
+        match settled {
+            Ok(true) => Waiting::Yes,
+            Ok(false) => {
+                self.stats.unsettled.fetch_add(1, Ordering::Relaxed);
+                Waiting::Unsettled(match waiting {
+                    Waiting::Unsettled(d) => (d * 2).min(SETTLE_MAX),
+                    _ => SETTLE_FIRST,
+                })
+            }
+            Err(e) => {
+                warn!(queue = %self.queue, error = %e, "recording the worker as waiting failed");
+                Waiting::No
             }
         }
     }
