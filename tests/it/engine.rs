@@ -11,20 +11,14 @@ use pgtasks::{Job, JobContext, Runtime};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, insert_jobs, listening, wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, insert_jobs, listening, start_recording, wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 #[tokio::test]
 async fn psql_style_insert_is_run_by_a_live_worker_within_milliseconds() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording(&db, &recorder).await;
 
     let client = db.client().await;
     let id: i64 = client
@@ -57,13 +51,7 @@ async fn psql_style_insert_is_run_by_a_live_worker_within_milliseconds() {
 async fn burst_of_1000_rows_is_few_wakeups_and_every_job_runs_once() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
     insert_jobs(&client, "readme-queue", 1000).await;
     wait_for_state(&client, "completed", 1000, Duration::from_secs(30)).await;
@@ -476,13 +464,7 @@ async fn retries_due_in_milliseconds_are_not_left_for_the_poll() {
 async fn delayed_jobs_of_every_priority_start_at_their_own_time() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
     client
         .execute(

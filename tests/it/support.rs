@@ -283,3 +283,16 @@ pub async fn listening(running: &pgtasks::Running) {
     })
     .await
 }
+
+/// A runtime whose `readme-queue` worker records every run, started and
+/// listening (its worker asleep as a recorded waiter).
+pub async fn start_recording(db: &TestDb, recorder: &Recorder) -> (Running, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(db.config())
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    (running, shutdown)
+}

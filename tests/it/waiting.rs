@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{insert_job, listening, wait_for, Recorder, TestDb, SECS_10};
+use crate::support::{insert_job, listening, start_recording, wait_for, Recorder, TestDb, SECS_10};
 
 /// Inserters each submit a job, wait for it to start, and submit the next
 /// at once, so inserts keep landing while the worker finishes a claim and
@@ -23,13 +23,7 @@ async fn no_wakeup_is_lost_while_inserts_race_the_worker_going_to_sleep() {
     const ROUNDS: usize = 750;
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording(&db, &recorder).await;
 
     let mut inserters = JoinSet::new();
     for i in 0..INSERTERS {
