@@ -219,11 +219,15 @@ impl Runtime {
         if !handlers.is_empty() {
             let work_pool = db::create_worker_pool(&config.database)?;
             warm_pool(&work_pool, handlers.len() + 1).await;
+            // Room for several claims' worth of outcomes: a finished attempt
+            // frees its slot once its outcome is queued, so a completer busy
+            // writing one batch must not hold the slots of the next.
             let capacity = handlers
                 .keys()
                 .map(|q| config.queues[q].concurrency)
                 .sum::<usize>()
-                .max(64);
+                .max(64)
+                * 4;
             let discard = config
                 .queues
                 .iter()

@@ -8,7 +8,8 @@
 //! wakeup from the listener (or the completer), the slow poll, its timer for
 //! the queue's next future `run_at`, or a freed slot while the last claim
 //! suggested more work is waiting. It claims up to its free slots in one
-//! statement, again and again while claims come back full, with no cooldown.
+//! statement; while claims come back full, it claims again as soon as its
+//! slots are free again (or `GATHER_MAX` after the first is).
 
 pub mod attempt;
 pub mod completer;
@@ -268,8 +269,9 @@ impl QueueWorker {
         }
     }
 
-    /// Claims up to the free slots, repeatedly while claims come back full.
-    /// Returns whether the last claim was full (work probably still waiting).
+    /// Claims up to the free slots, again while claims come back full and
+    /// every slot is free again. Returns whether the last claim was full
+    /// (work probably still waiting).
     async fn claim_and_start(
         &self,
         slots: &Arc<Semaphore>,
@@ -323,19 +325,25 @@ impl QueueWorker {
             if !full {
                 return Ok(Claim { full: false, any });
             }
+            // Go on at once only for a batch's worth of free slots; fewer
+            // are gathered first (`gather_free_slots`): claiming the few
+            // freed during a claim made many small claims.
+            if !self.one_per_claim && slots.available_permits() < self.batch_wanted() {
+                return Ok(Claim { full: true, any });
+            }
         }
     }
 
     /// With work waiting and slots freeing one by one, claiming at the first
     /// free slot would mean many claims of a job or two. Waits (briefly) for
-    /// half the slots to be free, so each claim fetches a batch.
+    /// every slot to be free, so each claim fetches a batch.
     async fn gather_free_slots(
         &self,
         slots: &Semaphore,
         slot_freed: &Notify,
         stop: &CancellationToken,
     ) {
-        let enough = self.concurrency.div_ceil(2);
+        let enough = self.batch_wanted();
         let deadline = Instant::now() + GATHER_MAX;
         while slots.available_permits() < enough {
             tokio::select! {
@@ -344,6 +352,15 @@ impl QueueWorker {
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
+    }
+
+    /// Free slots worth a claim while work is waiting: all of them. A claim
+    /// costs about as much for one job as for dozens, so claims in a busy
+    /// queue should be as large as the slots allow; `GATHER_MAX` bounds
+    /// the wait when handlers are slow to finish. (Half the slots: 19k
+    /// jobs/s draining at concurrency 100, 3.8k at 10; all: 22k, 6.5k.)
+    fn batch_wanted(&self) -> usize {
+        self.concurrency
     }
 
     /// Before sleeping with nothing to claim: records this worker as waiting

@@ -32,6 +32,9 @@ pub struct DrainSpec {
     pub max_seconds: u64,
     /// `fresh`, or the scale benchmark's labels.
     pub scenario: String,
+    /// Completed jobs are deleted (`retention = 0`, as graphile-worker
+    /// does) rather than kept (the default, as pg-boss does).
+    pub discard_completed: bool,
 }
 
 pub struct DrainResult {
@@ -57,6 +60,10 @@ SELECT count(*) FROM pgtasks.job
 
 const COMPLETED: &str =
     "SELECT count(*) FROM pgtasks.job WHERE queue = ANY($1) AND state = 'completed'";
+
+/// With `retention = 0` a completed job is deleted: the rows left are the
+/// jobs not completed.
+const LEFT: &str = "SELECT count(*) FROM pgtasks.job WHERE queue = ANY($1)";
 
 /// The queue names: `bench` alone, or `bench-00` … for several.
 pub fn queue_names(queues: usize) -> Vec<String> {
@@ -90,8 +97,12 @@ async fn measure(
         bail!("drain needs n > 0 and concurrency > 0");
     }
     report.step(&format!(
-        "drain: {} jobs over {} queue(s), concurrency {} per queue, scenario {}",
-        spec.n, spec.queues, spec.concurrency, spec.scenario
+        "drain: {} jobs over {} queue(s), concurrency {} per queue, scenario {}, completed jobs {}",
+        spec.n,
+        spec.queues,
+        spec.concurrency,
+        spec.scenario,
+        retention(spec)
     ));
     let queues = queue_names(spec.queues);
     let client = db.connect().await?;
@@ -111,6 +122,7 @@ async fn measure(
         concurrency: spec.concurrency,
         api: false,
         report: ReportMode::Count,
+        discard_completed: spec.discard_completed,
     };
     let (worker, mut events) = WorkerProcess::start(&args).await?;
 
@@ -144,7 +156,11 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     worker.stop().await?;
-    let completed = count(&client, COMPLETED, &queues).await?;
+    let completed = if spec.discard_completed {
+        spec.n as i64 - count(&client, LEFT, &queues).await?
+    } else {
+        count(&client, COMPLETED, &queues).await?
+    };
     let jobs_per_s = completed as f64 / seconds;
 
     let defaults = pgtasks::Config::default();
@@ -163,6 +179,7 @@ async fn measure(
                 "timed_from": "resume of the paused, pre-filled queue(s) (UPDATE + NOTIFY)",
                 "vacuum_analyzed_after_fill": true,
                 "scenario": spec.scenario,
+                "completed_jobs": retention(spec),
             },
             "n": spec.n,
             "completed": completed,
@@ -174,11 +191,12 @@ async fn measure(
         }),
     );
     report.note(format!(
-        "drain {} jobs, {} queue(s) x concurrency {} [{}]: {:.0} jobs/s ({:.2} s){}",
+        "drain {} jobs, {} queue(s) x concurrency {} [{}, completed {}]: {:.0} jobs/s ({:.2} s){}",
         spec.n,
         spec.queues,
         spec.concurrency,
         spec.scenario,
+        retention(spec),
         jobs_per_s,
         seconds,
         if finished {
@@ -191,6 +209,14 @@ async fn measure(
         }
     ));
     Ok(DrainResult { jobs_per_s })
+}
+
+fn retention(spec: &DrainSpec) -> &'static str {
+    if spec.discard_completed {
+        "deleted"
+    } else {
+        "kept"
+    }
 }
 
 async fn count(client: &Client, statement: &str, queues: &[String]) -> anyhow::Result<i64> {

@@ -119,6 +119,18 @@ struct DrainArgs {
     /// Give up after this many seconds. Default 600.
     #[arg(long)]
     max_seconds: Option<u64>,
+    /// What happens to completed jobs, one run each: `kept` (the default
+    /// retention, 7 days) and/or `deleted` (`retention = 0`). Default
+    /// kept,deleted.
+    #[arg(long, value_delimiter = ',')]
+    completed: Vec<CompletedJobs>,
+}
+
+/// What the drained worker does with completed jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompletedJobs {
+    Kept,
+    Deleted,
 }
 
 #[derive(Args, Default)]
@@ -315,16 +327,25 @@ async fn drain(
 ) -> anyhow::Result<()> {
     let ns = or(args.n, quick, &[20_000, 200_000], &[5_000]);
     let concurrencies = or(args.concurrency, quick, &[10, 100], &[10, 100]);
+    let completed = or(
+        args.completed,
+        quick,
+        &[CompletedJobs::Kept, CompletedJobs::Deleted],
+        &[CompletedJobs::Kept, CompletedJobs::Deleted],
+    );
     for &n in &ns {
         for &concurrency in &concurrencies {
-            let spec = DrainSpec {
-                n,
-                queues: args.queues.unwrap_or(1),
-                concurrency,
-                max_seconds: args.max_seconds.unwrap_or(600),
-                scenario: "fresh".to_string(),
-            };
-            drain::run(report, admin, &spec).await?;
+            for &completed in &completed {
+                let spec = DrainSpec {
+                    n,
+                    queues: args.queues.unwrap_or(1),
+                    concurrency,
+                    max_seconds: args.max_seconds.unwrap_or(600),
+                    scenario: "fresh".to_string(),
+                    discard_completed: completed == CompletedJobs::Deleted,
+                };
+                drain::run(report, admin, &spec).await?;
+            }
         }
     }
     Ok(())

@@ -119,6 +119,7 @@ pub async fn measure(
         concurrency: spec.concurrency,
         api: spec.via == Via::Http,
         report: ReportMode::Jobs,
+        discard_completed: false,
     };
     let (worker, events) = WorkerProcess::start(&args).await?;
     let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);

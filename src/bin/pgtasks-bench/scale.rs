@@ -71,6 +71,7 @@ pub async fn run(report: &mut Report, admin_url: &str, spec: &ScaleSpec) -> anyh
         concurrency,
         max_seconds: spec.max_seconds,
         scenario: scenario.to_string(),
+        discard_completed: false,
     };
     let one = drain::run(
         report,

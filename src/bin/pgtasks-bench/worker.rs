@@ -55,12 +55,17 @@ pub struct WorkerArgs {
     pub api: bool,
     #[arg(long, value_enum, default_value = "jobs")]
     pub report: ReportMode,
+    /// Delete completed jobs (`retention = 0`) instead of keeping them for
+    /// the default retention.
+    #[arg(long)]
+    pub discard_completed: bool,
 }
 
 impl WorkerArgs {
     /// The worker's config: `Config::default()` with the scratch database, no
     /// migration (the harness migrated), and `concurrency` on every queue.
-    /// Everything else stays at its default: pool 10, LISTEN on, poll 2 s.
+    /// Everything else stays at its default: pool 10, LISTEN on, poll 2 s,
+    /// completed jobs kept 7 days (unless `discard_completed`).
     pub fn config(&self) -> Config {
         let mut config = Config::default();
         config.database.url = self.url.clone();
@@ -70,6 +75,9 @@ impl WorkerArgs {
         for queue in &self.queues {
             let policy = config.queues.entry(queue.clone()).or_default();
             policy.concurrency = self.concurrency;
+            if self.discard_completed {
+                policy.retention = Duration::ZERO;
+            }
         }
         config
     }
@@ -252,6 +260,9 @@ impl WorkerProcess {
         if args.api {
             command.arg("--api");
         }
+        if args.discard_completed {
+            command.arg("--discard-completed");
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "warn");
         }
@@ -383,6 +394,7 @@ mod tests {
             concurrency: 3,
             api: true,
             report: ReportMode::Jobs,
+            discard_completed: false,
         };
         let config = args.config();
         assert_eq!(config.queues["bench"].concurrency, 3);
