@@ -1,5 +1,5 @@
 //! Connections: the shared pool (submits, API, maintenance), the workers'
-//! pool (claims and outcomes, asynchronous commit), and single dedicated
+//! pool (claims and outcomes, asynchronous commit, generic plans), and single dedicated
 //! connections (the listener's, the migrator's).
 
 use std::time::Duration;
@@ -68,6 +68,12 @@ pub fn create_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
 /// claim leaves its job waiting (it runs again), a lost outcome leaves it
 /// active until its lease expires (it is rescued and runs again). Submits
 /// never use this pool: an acknowledged job is durable.
+///
+/// Its statements also always run their generic plan
+/// (`plan_cache_mode = force_generic_plan`): they are written for it (index
+/// bounds, not estimates, stop their scans), and on a large table the
+/// planner otherwise kept re-planning the claim for every call (0.6–1.3 ms
+/// of planning for a 0.12 ms claim with 1.1M rows in the table).
 pub fn create_worker_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     let mut pg = pg_config(
         &config.url,
@@ -76,7 +82,10 @@ pub fn create_worker_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         "pgtasks-worker",
     )?;
     let options = pg.get_options().unwrap_or_default();
-    pg.options(format!("{options} -c synchronous_commit=off").trim_start());
+    pg.options(
+        format!("{options} -c synchronous_commit=off -c plan_cache_mode=force_generic_plan")
+            .trim_start(),
+    );
     build_pool(pg, config)
 }
 

@@ -498,3 +498,28 @@ async fn delayed_jobs_of_every_priority_start_at_their_own_time() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+#[tokio::test]
+async fn worker_connections_commit_asynchronously_and_reuse_generic_plans_while_submits_do_not() {
+    let db = TestDb::new().await;
+    let config = db.config();
+    let show = |pool: deadpool_postgres::Pool| async move {
+        let client = pool.get().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT current_setting('synchronous_commit'), current_setting('plan_cache_mode')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, String>(1))
+    };
+    let workers = pgtasks::db::create_worker_pool(&config.database).unwrap();
+    assert_eq!(
+        show(workers).await,
+        ("off".to_string(), "force_generic_plan".to_string())
+    );
+    // Submits are acknowledged only once durable: the server's default.
+    let shared = pgtasks::db::create_pool(&config.database).unwrap();
+    assert_eq!(show(shared).await, ("on".to_string(), "auto".to_string()));
+}
