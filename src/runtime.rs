@@ -41,6 +41,7 @@ use crate::config::{validate_queue_name, Config, QueueConfig};
 use crate::db::{self, DbError};
 use crate::handler::{Handler, SharedHandler};
 use crate::listener::{Listener, ListenerConfig, ListenerStatus};
+use crate::maintenance::vacuum::VacuumAfter;
 use crate::maintenance::Maintenance;
 use crate::schema;
 use crate::store;
@@ -245,6 +246,7 @@ impl Runtime {
                 wakeups.clone(),
                 discard,
                 wake_after_finish,
+                VacuumAfter::new(pool.clone(), config.maintenance.vacuum_after_jobs),
                 capacity,
             );
             let give_up = CancellationToken::new();

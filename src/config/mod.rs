@@ -190,6 +190,9 @@ pub struct MaintenanceConfig {
     /// How often due cron schedules are enqueued. Default 1s.
     #[serde(with = "duration")]
     pub schedule_interval: Duration,
+    /// `VACUUM pgtasks.job` after this many jobs finished by this instance
+    /// since its last one; 0 leaves the table to autovacuum. Default 20000.
+    pub vacuum_after_jobs: u64,
 }
 
 impl Default for MaintenanceConfig {
@@ -198,6 +201,7 @@ impl Default for MaintenanceConfig {
             rescue_interval: Duration::from_secs(5),
             clean_interval: Duration::from_secs(30),
             schedule_interval: Duration::from_secs(1),
+            vacuum_after_jobs: 20_000,
         }
     }
 }

@@ -10,11 +10,15 @@
 //!   small batches;
 //! - [`scheduler`]: enqueues each due cron run exactly once.
 //!
+//! Apart from these timed passes, [`vacuum`] vacuums the job table after
+//! every so many finished jobs (the completer counts them).
+//!
 //! Every pass has a `*_once` method that tests call directly.
 
 pub mod cleaner;
 pub mod rescuer;
 pub mod scheduler;
+pub mod vacuum;
 
 use std::time::Duration;
 

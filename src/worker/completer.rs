@@ -19,6 +19,7 @@ use tracing::{debug, error, warn};
 
 use crate::handler::{JobError, Retry};
 use crate::job::JobState;
+use crate::maintenance::vacuum::VacuumAfter;
 use crate::store::{self, Failure};
 use crate::wakeup::Wakeups;
 
@@ -55,6 +56,8 @@ pub struct Completer {
     /// Queues whose workers look again once a job is finished (singleton,
     /// stately: the finished job may have been holding its key).
     wake_after_finish: HashSet<String>,
+    /// Told how many jobs each write finished.
+    vacuum: Option<VacuumAfter>,
 }
 
 impl Completer {
@@ -63,6 +66,7 @@ impl Completer {
         wakeups: Wakeups,
         discard: HashSet<String>,
         wake_after_finish: HashSet<String>,
+        vacuum: Option<VacuumAfter>,
         capacity: usize,
     ) -> (Completer, AckSender) {
         let (tx, rx) = mpsc::channel(capacity);
@@ -73,6 +77,7 @@ impl Completer {
                 acks: rx,
                 discard,
                 wake_after_finish,
+                vacuum,
             },
             tx,
         )
@@ -86,7 +91,12 @@ impl Completer {
             let mut failures = 0u32;
             loop {
                 match self.write(&batch).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if let Some(vacuum) = &self.vacuum {
+                            vacuum.finished(batch.len() as u64);
+                        }
+                        break;
+                    }
                     Err(e) => {
                         failures += 1;
                         metrics::counter!("pgtasks_ack_write_errors_total").increment(1);

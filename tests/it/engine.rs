@@ -523,3 +523,42 @@ async fn worker_connections_commit_asynchronously_and_reuse_generic_plans_while_
     let shared = pgtasks::db::create_pool(&config.database).unwrap();
     assert_eq!(show(shared).await, ("on".to_string(), "auto".to_string()));
 }
+
+#[tokio::test]
+async fn job_table_is_vacuumed_after_every_so_many_finished_jobs() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.maintenance.vacuum_after_jobs = 200;
+    let recorder = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .handler("readme-queue", recorder.handler())
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let client = db.client().await;
+    let vacuums = || async {
+        client
+            .query_one(
+                "SELECT vacuum_count FROM pg_stat_user_tables
+                  WHERE schemaname = 'pgtasks' AND relname = 'job'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(vacuums().await, 0, "a fresh database has no manual vacuum");
+
+    insert_jobs(&client, "readme-queue", 500).await;
+    wait_for_state(&client, "completed", 500, SECS_10).await;
+    // Counted after each write of outcomes, so 500 jobs start at least one.
+    crate::support::wait_for("a VACUUM of pgtasks.job", SECS_10, || async {
+        (vacuums().await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(recorder.total(), 500);
+    shutdown.cancel();
+    running.stopped().await;
+}
