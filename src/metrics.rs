@@ -43,6 +43,40 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// One queue's worker metrics, registered once when its worker starts:
+/// recording through these handles costs no allocation and no registry
+/// lookup per job. A recorder installed later than that is not seen, so the
+/// runtime installs its own first when it serves `/metrics`.
+#[derive(Clone)]
+pub struct QueueMetrics {
+    pub pickup_latency: metrics::Histogram,
+    pub run_duration: metrics::Histogram,
+    pub completed: metrics::Counter,
+    pub retried: metrics::Counter,
+    pub failed: metrics::Counter,
+    pub claim_errors: metrics::Counter,
+}
+
+impl std::fmt::Debug for QueueMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueMetrics").finish_non_exhaustive()
+    }
+}
+
+impl QueueMetrics {
+    pub fn new(queue: &str) -> QueueMetrics {
+        let queue = queue.to_string();
+        QueueMetrics {
+            pickup_latency: metrics::histogram!("pgtasks_pickup_latency_seconds", "queue" => queue.clone()),
+            run_duration: metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.clone()),
+            completed: metrics::counter!("pgtasks_jobs_completed_total", "queue" => queue.clone()),
+            retried: metrics::counter!("pgtasks_jobs_retried_total", "queue" => queue.clone()),
+            failed: metrics::counter!("pgtasks_jobs_failed_total", "queue" => queue.clone()),
+            claim_errors: metrics::counter!("pgtasks_claim_errors_total", "queue" => queue),
+        }
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(

@@ -43,6 +43,7 @@ use crate::handler::{Handler, SharedHandler};
 use crate::listener::{Listener, ListenerConfig, ListenerStatus};
 use crate::maintenance::vacuum::VacuumAfter;
 use crate::maintenance::Maintenance;
+use crate::metrics::QueueMetrics;
 use crate::schema;
 use crate::store;
 use crate::submit::Submitter;
@@ -141,6 +142,10 @@ impl Runtime {
             })?;
         }
         self.config.validate()?;
+        if self.run_api {
+            // Before the workers register their metric handles.
+            crate::metrics::install();
+        }
         let config = self.config;
         let pool = db::create_pool(&config.database)?;
 
@@ -259,7 +264,8 @@ impl Runtime {
                 let queue_stats = Arc::new(QueueStats::default());
                 stats.insert(queue.clone(), queue_stats.clone());
                 let worker = QueueWorker {
-                    queue: queue.clone(),
+                    queue: Arc::from(queue.as_str()),
+                    metrics: Arc::new(QueueMetrics::new(queue)),
                     concurrency: config.queues[queue].concurrency,
                     poll_interval: config.worker.poll_interval,
                     pool: work_pool.clone(),

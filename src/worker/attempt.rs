@@ -21,6 +21,7 @@ use tracing::warn;
 use super::completer::{Ack, AckSender, Outcome};
 use crate::handler::{HandlerResult, JobContext, JobError, SharedHandler};
 use crate::job::Job;
+use crate::metrics::QueueMetrics;
 use crate::wakeup::RunningJobs;
 
 /// Once its token fires, a handler has this long to return on its own before
@@ -30,6 +31,9 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// Everything an attempt needs, moved into its task.
 pub struct Attempt {
     pub job: Job,
+    /// The queue's name and metric handles, shared by its attempts.
+    pub queue: Arc<str>,
+    pub metrics: Arc<QueueMetrics>,
     pub lease_left: Duration,
     pub handler: SharedHandler,
     pub acks: AckSender,
@@ -48,6 +52,8 @@ impl Attempt {
     pub async fn run(self) {
         let Attempt {
             job,
+            queue,
+            metrics,
             lease_left,
             handler,
             acks,
@@ -57,13 +63,11 @@ impl Attempt {
             pool,
             running,
         } = self;
-        let queue: Arc<str> = Arc::from(job.queue.as_str());
         let (id, attempt) = (job.id, job.attempt);
         let pickup = (job.started_at - job.run_at.max(job.created_at))
             .to_std()
             .unwrap_or_default();
-        metrics::histogram!("pgtasks_pickup_latency_seconds", "queue" => queue.to_string())
-            .record(pickup.as_secs_f64());
+        metrics.pickup_latency.record(pickup.as_secs_f64());
 
         let cancelled = abort.child_token();
         running.insert(id, cancelled.clone());
@@ -108,14 +112,14 @@ impl Attempt {
             }
         };
         running.remove(id);
-        metrics::histogram!("pgtasks_run_duration_seconds", "queue" => queue.to_string())
-            .record(started.elapsed().as_secs_f64());
+        metrics.run_duration.record(started.elapsed().as_secs_f64());
         if let Outcome::Failed(error) = &outcome {
             warn!(queue = %queue, job_id = id, attempt, error = %error, retry = ?error.retry(),
                   "job attempt failed");
         }
         let ack = Ack {
             queue,
+            metrics,
             id,
             attempt,
             outcome,

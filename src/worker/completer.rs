@@ -20,6 +20,7 @@ use tracing::{debug, error, warn};
 use crate::handler::{JobError, Retry};
 use crate::job::JobState;
 use crate::maintenance::vacuum::VacuumAfter;
+use crate::metrics::QueueMetrics;
 use crate::store::{self, Failure};
 use crate::wakeup::Wakeups;
 
@@ -40,6 +41,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Ack {
     pub queue: Arc<str>,
+    pub metrics: Arc<QueueMetrics>,
     pub id: i64,
     pub attempt: i32,
     pub outcome: Outcome,
@@ -160,31 +162,28 @@ impl Completer {
             .iter()
             .filter(|a| matches!(a.outcome, Outcome::Completed(_)))
         {
-            metrics::counter!("pgtasks_jobs_completed_total", "queue" => ack.queue.to_string())
-                .increment(1);
+            ack.metrics.completed.increment(1);
         }
         if !failed.ids.is_empty() {
             let results =
                 store::fail_jobs(&client, &failed.ids, &failed.attempts, &failures).await?;
-            let queues: HashMap<i64, &Arc<str>> = batch
+            let acks: HashMap<i64, &Ack> = batch
                 .iter()
                 .filter(|a| matches!(a.outcome, Outcome::Failed(_)))
-                .map(|a| (a.id, &a.queue))
+                .map(|a| (a.id, a))
                 .collect();
             for result in &results {
-                let Some(queue) = queues.get(&result.id) else {
+                let Some(ack) = acks.get(&result.id) else {
                     continue;
                 };
                 if result.state == JobState::Retry {
-                    metrics::counter!("pgtasks_jobs_retried_total", "queue" => queue.to_string())
-                        .increment(1);
+                    ack.metrics.retried.increment(1);
                     // The retry is due later: let the local worker arm its timer.
-                    if let Some(wakeup) = self.wakeups.get(queue) {
+                    if let Some(wakeup) = self.wakeups.get(&ack.queue) {
                         wakeup.schedule_changed();
                     }
                 } else {
-                    metrics::counter!("pgtasks_jobs_failed_total", "queue" => queue.to_string())
-                        .increment(1);
+                    ack.metrics.failed.increment(1);
                     finished.push(result.id);
                 }
             }

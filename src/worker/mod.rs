@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::handler::SharedHandler;
+use crate::metrics::QueueMetrics;
 use crate::store;
 use crate::wakeup::{QueueWakeup, RunningJobs};
 use attempt::Attempt;
@@ -79,7 +80,8 @@ struct Claim {
 }
 
 pub struct QueueWorker {
-    pub queue: String,
+    pub queue: Arc<str>,
+    pub metrics: Arc<QueueMetrics>,
     pub concurrency: usize,
     pub poll_interval: Duration,
     pub pool: Pool,
@@ -200,8 +202,7 @@ impl QueueWorker {
                         failures += 1;
                         waiting = Waiting::No;
                         warn!(queue = %self.queue, error = %e, "claim failed; will retry");
-                        metrics::counter!("pgtasks_claim_errors_total", "queue" => self.queue.clone())
-                            .increment(1);
+                        self.metrics.claim_errors.increment(1);
                         refresh_timer = true;
                     }
                 }
@@ -310,6 +311,8 @@ impl QueueWorker {
                 let Some(slot) = permits.split(1) else { break };
                 let attempt = Attempt {
                     job: claim.job,
+                    queue: self.queue.clone(),
+                    metrics: self.metrics.clone(),
                     lease_left: claim.lease_left,
                     handler: self.handler.clone(),
                     acks: self.acks.clone(),
