@@ -191,6 +191,29 @@ WITH RECURSIVE priorities AS (
     };
 }
 
+/// The end of both claim statements, after their `next` CTE (the ids to
+/// claim, locked): marks the caller's waiting record awake when it got work
+/// (`$3`), starts each job's attempt and lease, and returns the jobs.
+macro_rules! lease_next {
+    () => {
+        "), woken AS (
+    -- A waiting worker that got work is awake: inserts stop notifying it.
+    UPDATE pgtasks.queue_waiter SET expires_at = now()
+     WHERE queue = $1 AND worker = $3 AND EXISTS (SELECT 1 FROM next)
+)
+UPDATE pgtasks.job j
+   SET state = 'active', attempt = j.attempt + 1, started_at = now(),
+       lease_until = now() + q.lease
+  FROM pgtasks.queue q
+ -- An array of ids, not a join with `next`: a join may be planned as a hash
+ -- join over a sequential scan of the whole table, on every claim.
+ WHERE j.id = ANY (ARRAY(SELECT id FROM next)) AND q.name = $1
+RETURNING j.id, j.data, j.attempt, coalesce(j.max_attempts, q.retry_limit + 1), j.priority,
+          j.created_at, j.run_at, j.started_at, j.lease_until,
+          extract(epoch FROM j.lease_until - clock_timestamp())::float8"
+    };
+}
+
 const CLAIM_JOBS: &str = concat!(
     waiting_priorities!(),
     ", next AS (
@@ -211,21 +234,8 @@ const CLAIM_JOBS: &str = concat!(
      WHERE p.priority IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM pgtasks.queue WHERE name = $1 AND paused)
      LIMIT $2
-), woken AS (
-    -- A waiting worker that got work is awake: inserts stop notifying it.
-    UPDATE pgtasks.queue_waiter SET expires_at = now()
-     WHERE queue = $1 AND worker = $3 AND EXISTS (SELECT 1 FROM next)
-)
-UPDATE pgtasks.job j
-   SET state = 'active', attempt = j.attempt + 1, started_at = now(),
-       lease_until = now() + q.lease
-  FROM pgtasks.queue q
- -- An array of ids, not a join with `next`: a join may be planned as a hash
- -- join over a sequential scan of the whole table, on every claim.
- WHERE j.id = ANY (ARRAY(SELECT id FROM next)) AND q.name = $1
-RETURNING j.id, j.data, j.attempt, coalesce(j.max_attempts, q.retry_limit + 1), j.priority,
-          j.created_at, j.run_at, j.started_at, j.lease_until,
-          extract(epoch FROM j.lease_until - clock_timestamp())::float8"
+",
+    lease_next!()
 );
 
 /// The claim under the singleton and stately policies: one job, of a key
@@ -252,20 +262,10 @@ const CLAIM_ONE_PER_KEY: &str = concat!(
                FOR UPDATE SKIP LOCKED) c
      WHERE p.priority IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM pgtasks.queue WHERE name = $1 AND paused)
-     -- One job per claim, so one batch cannot take a key twice.
-     LIMIT 1
-), woken AS (
-    UPDATE pgtasks.queue_waiter SET expires_at = now()
-     WHERE queue = $1 AND worker = $3 AND $2::bigint > 0 AND EXISTS (SELECT 1 FROM next)
-)
-UPDATE pgtasks.job j
-   SET state = 'active', attempt = j.attempt + 1, started_at = now(),
-       lease_until = now() + q.lease
-  FROM pgtasks.queue q
- WHERE j.id = ANY (ARRAY(SELECT id FROM next)) AND q.name = $1
-RETURNING j.id, j.data, j.attempt, coalesce(j.max_attempts, q.retry_limit + 1), j.priority,
-          j.created_at, j.run_at, j.started_at, j.lease_until,
-          extract(epoch FROM j.lease_until - clock_timestamp())::float8"
+     -- One job per claim, so one batch cannot take a key twice ($2 >= 1).
+     LIMIT least($2::bigint, 1)
+",
+    lease_next!()
 );
 
 /// A claimed job and how long its lease has left, measured by the database's
