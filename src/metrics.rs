@@ -47,7 +47,6 @@ pub fn install() -> PrometheusHandle {
 /// recording through these handles costs no allocation and no registry
 /// lookup per job. A recorder installed later than that is not seen, so the
 /// runtime installs its own first when it serves `/metrics`.
-#[derive(Clone)]
 pub struct QueueMetrics {
     pub pickup_latency: metrics::Histogram,
     pub run_duration: metrics::Histogram,
