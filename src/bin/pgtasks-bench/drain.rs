@@ -32,9 +32,25 @@ pub struct DrainSpec {
     pub max_seconds: u64,
     /// `fresh`, or the scale benchmark's labels.
     pub scenario: String,
-    /// Completed jobs are deleted (`retention = 0`, as graphile-worker
-    /// does) rather than kept (the default, as pg-boss does).
-    pub discard_completed: bool,
+    pub completed: CompletedJobs,
+}
+
+/// What the drained worker does with completed jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletedJobs {
+    /// Kept for the default retention (7 days), as pg-boss keeps them.
+    Kept,
+    /// Deleted (`retention = 0`), as graphile-worker does.
+    Deleted,
+}
+
+impl CompletedJobs {
+    pub fn label(self) -> &'static str {
+        match self {
+            CompletedJobs::Kept => "kept",
+            CompletedJobs::Deleted => "deleted",
+        }
+    }
 }
 
 pub struct DrainResult {
@@ -102,7 +118,7 @@ async fn measure(
         spec.queues,
         spec.concurrency,
         spec.scenario,
-        retention(spec)
+        spec.completed.label()
     ));
     let queues = queue_names(spec.queues);
     let client = db.connect().await?;
@@ -122,7 +138,7 @@ async fn measure(
         concurrency: spec.concurrency,
         api: false,
         report: ReportMode::Count,
-        discard_completed: spec.discard_completed,
+        discard_completed: spec.completed == CompletedJobs::Deleted,
     };
     let (worker, mut events) = WorkerProcess::start(&args).await?;
 
@@ -156,7 +172,7 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     worker.stop().await?;
-    let completed = if spec.discard_completed {
+    let completed = if spec.completed == CompletedJobs::Deleted {
         spec.n as i64 - count(&client, LEFT, &queues).await?
     } else {
         count(&client, COMPLETED, &queues).await?
@@ -179,7 +195,7 @@ async fn measure(
                 "timed_from": "resume of the paused, pre-filled queue(s) (UPDATE + NOTIFY)",
                 "vacuum_analyzed_after_fill": true,
                 "scenario": spec.scenario,
-                "completed_jobs": retention(spec),
+                "completed_jobs": spec.completed.label(),
             },
             "n": spec.n,
             "completed": completed,
@@ -196,7 +212,7 @@ async fn measure(
         spec.queues,
         spec.concurrency,
         spec.scenario,
-        retention(spec),
+        spec.completed.label(),
         jobs_per_s,
         seconds,
         if finished {
@@ -209,14 +225,6 @@ async fn measure(
         }
     ));
     Ok(DrainResult { jobs_per_s })
-}
-
-fn retention(spec: &DrainSpec) -> &'static str {
-    if spec.discard_completed {
-        "deleted"
-    } else {
-        "kept"
-    }
 }
 
 async fn count(client: &Client, statement: &str, queues: &[String]) -> anyhow::Result<i64> {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use drain::DrainSpec;
+use drain::{CompletedJobs, DrainSpec};
 use enqueue::EnqueueSpec;
 use http::HttpSpec;
 use pickup::{PickupSpec, Via};
@@ -124,13 +124,6 @@ struct DrainArgs {
     /// kept,deleted.
     #[arg(long, value_delimiter = ',')]
     completed: Vec<CompletedJobs>,
-}
-
-/// What the drained worker does with completed jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum CompletedJobs {
-    Kept,
-    Deleted,
 }
 
 #[derive(Args, Default)]
@@ -342,7 +335,7 @@ async fn drain(
                     concurrency,
                     max_seconds: args.max_seconds.unwrap_or(600),
                     scenario: "fresh".to_string(),
-                    discard_completed: completed == CompletedJobs::Deleted,
+                    completed,
                 };
                 drain::run(report, admin, &spec).await?;
             }

@@ -15,7 +15,7 @@ use anyhow::Context;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::drain::{self, DrainSpec};
+use crate::drain::{self, CompletedJobs, DrainSpec};
 use crate::pickup::{self, PickupResult, PickupSpec, Via, BENCH_QUEUE};
 use crate::report::Report;
 use crate::scratch::{add_queues, vacuum_analyze, with_scratch, Scratch};
@@ -71,7 +71,7 @@ pub async fn run(report: &mut Report, admin_url: &str, spec: &ScaleSpec) -> anyh
         concurrency,
         max_seconds: spec.max_seconds,
         scenario: scenario.to_string(),
-        discard_completed: false,
+        completed: CompletedJobs::Kept,
     };
     let one = drain::run(
         report,
