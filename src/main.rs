@@ -182,8 +182,7 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<()> {
     let data: serde_json::Value =
         serde_json::from_str(&args.data).context("data: not valid JSON")?;
     anyhow::ensure!(data.is_object(), "data: must be a JSON object");
-    let pool = db::create_pool(&config.database)?;
-    let client = pool.get().await.context("connecting to PostgreSQL")?;
+    let client = pgtasks::Client::new(db::create_pool(&config.database)?);
     let job = pgtasks::store::NewJob {
         queue: args.queue,
         data,
@@ -198,12 +197,11 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<()> {
         singleton_key: args.singleton_key,
         singleton_seconds: args.singleton_seconds,
     };
-    let pgtasks::store::Sent { id, duplicate } = pgtasks::store::send_job(&client, &job)
+    // A refusal reads as the database's own message (`ClientError`'s Display).
+    let pgtasks::store::Sent { id, duplicate } = client
+        .send_job(&job)
         .await
-        .map_err(|e| match e.as_db_error() {
-            Some(db) => anyhow::anyhow!("{}", db.message()),
-            None => anyhow::anyhow!(e),
-        })?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{id}");
     if duplicate {
         eprintln!("duplicate: job {id} with this singleton key was already queued");
