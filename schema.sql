@@ -655,10 +655,6 @@ BEGIN
 END
 $fn$;
 
--- A worker about to sleep: records itself until now() + lifetime, then
--- returns true when no insert that could have missed the record is still
--- in flight (the worker then looks at the queue once more and sleeps),
--- false when one is (the worker asks again shortly).
 -- True when no insert that could have missed a waiting record is in flight
 -- (none holds the queue's lock shared). Takes the lock exclusively without
 -- waiting, until the end of the transaction.
@@ -667,6 +663,10 @@ LANGUAGE sql AS $fn$
     SELECT pg_try_advisory_xact_lock(pgtasks.waiter_lock_key(waiters_settled.queue));
 $fn$;
 
+-- A worker about to sleep: records itself until now() + lifetime, then
+-- returns true when no insert that could have missed the record is still
+-- in flight (the worker then looks at the queue once more and sleeps),
+-- false when one is (the worker asks again shortly).
 CREATE FUNCTION pgtasks.worker_waiting(queue text, worker bigint, lifetime interval)
 RETURNS boolean
 LANGUAGE sql AS $fn$
