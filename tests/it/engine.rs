@@ -11,7 +11,8 @@ use pgtasks::{Job, JobContext, Runtime};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, insert_jobs, listening, start_recording, wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, insert_jobs, listening, start_recording, start_recording_with, wait_for_state,
+    Recorder, TestDb, SECS_10,
 };
 
 #[tokio::test]
@@ -530,13 +531,7 @@ async fn job_table_is_vacuumed_after_every_so_many_finished_jobs() {
     let mut config = db.config();
     config.maintenance.vacuum_after_jobs = 200;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(config)
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording_with(config, &recorder).await;
     let client = db.client().await;
     let vacuums = || async {
         client

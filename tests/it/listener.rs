@@ -5,20 +5,16 @@ use std::time::Duration;
 use pgtasks::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{insert_jobs, listening, wait_for, wait_for_state, Recorder, TestDb, SECS_10};
+use crate::support::{
+    insert_jobs, start_recording, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+};
 
 #[tokio::test]
 async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
     // Poll every 60 s: only the listener can run these jobs promptly.
-    let running = Runtime::new(db.config())
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
 
     let killed: i64 = client

@@ -287,8 +287,16 @@ pub async fn listening(running: &pgtasks::Running) {
 /// A runtime whose `readme-queue` worker records every run, started and
 /// listening (its worker asleep as a recorded waiter).
 pub async fn start_recording(db: &TestDb, recorder: &Recorder) -> (Running, CancellationToken) {
+    start_recording_with(db.config(), recorder).await
+}
+
+/// [`start_recording`] with a config of the caller's (listening on).
+pub async fn start_recording_with(
+    config: Config,
+    recorder: &Recorder,
+) -> (Running, CancellationToken) {
     let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
+    let running = Runtime::new(config)
         .handler("readme-queue", recorder.handler())
         .start(shutdown.clone())
         .await
