@@ -234,18 +234,16 @@ impl Runtime {
                 .sum::<usize>()
                 .max(64)
                 * 4;
-            let discard = config
-                .queues
-                .iter()
-                .filter(|(_, q)| q.retention.is_zero())
-                .map(|(name, _)| name.clone())
-                .collect();
-            let wake_after_finish = config
-                .queues
-                .iter()
-                .filter(|(_, q)| q.policy.one_active_per_key())
-                .map(|(name, _)| name.clone())
-                .collect();
+            let queues_where = |test: fn(&QueueConfig) -> bool| {
+                config
+                    .queues
+                    .iter()
+                    .filter(|(_, q)| test(q))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            };
+            let discard = queues_where(|q| q.retention.is_zero());
+            let wake_after_finish = queues_where(|q| q.policy.one_active_per_key());
             let (completer, acks) = Completer::new(
                 work_pool.clone(),
                 wakeups.clone(),
