@@ -6,7 +6,8 @@ use pgtasks::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    insert_jobs, start_recording, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+    insert_jobs, start_recording, start_recording_with, wait_for, wait_for_state, Recorder, TestDb,
+    SECS_10,
 };
 
 #[tokio::test]
@@ -51,12 +52,7 @@ async fn poll_only_mode_runs_jobs_without_a_listener() {
     config.worker.listen = false;
     config.worker.poll_interval = Duration::from_millis(100);
     let recorder = Recorder::default();
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(config)
-        .handler("readme-queue", recorder.handler())
-        .start(shutdown.clone())
-        .await
-        .unwrap();
+    let (running, shutdown) = start_recording_with(config, &recorder).await;
     let client = db.client().await;
     insert_jobs(&client, "readme-queue", 20).await;
     wait_for_state(&client, "completed", 20, SECS_10).await;

@@ -290,17 +290,21 @@ pub async fn start_recording(db: &TestDb, recorder: &Recorder) -> (Running, Canc
     start_recording_with(db.config(), recorder).await
 }
 
-/// [`start_recording`] with a config of the caller's (listening on).
+/// [`start_recording`] with a config of the caller's; waits until it
+/// listens unless the config polls only.
 pub async fn start_recording_with(
     config: Config,
     recorder: &Recorder,
 ) -> (Running, CancellationToken) {
+    let listen = config.worker.listen;
     let shutdown = CancellationToken::new();
     let running = Runtime::new(config)
         .handler("readme-queue", recorder.handler())
         .start(shutdown.clone())
         .await
         .unwrap();
-    listening(&running).await;
+    if listen {
+        listening(&running).await;
+    }
     (running, shutdown)
 }
