@@ -377,7 +377,13 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         Ok(figment
-            .merge(Env::prefixed("PGTASKS_").split("__").ignore(&["config"]))
+            // PGTASKS_CONFIG names the file; the test suite's and the bench's
+            // server URLs share the prefix but configure those programs.
+            .merge(Env::prefixed("PGTASKS_").split("__").ignore(&[
+                "config",
+                "test_admin_url",
+                "bench_admin_url",
+            ]))
             .merge(
                 Env::raw()
                     .only(&["database_url"])

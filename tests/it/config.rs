@@ -61,6 +61,15 @@ fn layers_apply_in_order_and_env_values_are_lenient() {
         jail.set_env("PGTASKS_QUEUES__EMAILS__CONCURRENCY", "3");
         jail.set_env("DATABASE_URL", "postgres://u@db:5432/app");
         jail.set_env("PORT", "8080");
+        // The test suite's and the bench's own variables are not config keys.
+        jail.set_env(
+            "PGTASKS_TEST_ADMIN_URL",
+            "postgres://postgres@127.0.0.1/postgres",
+        );
+        jail.set_env(
+            "PGTASKS_BENCH_ADMIN_URL",
+            "postgres://postgres@127.0.0.1/postgres",
+        );
         let config = Config::load(&Sources {
             default_file: Some("default.toml".into()),
             file: Some("extra.toml".into()),
