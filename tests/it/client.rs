@@ -49,6 +49,23 @@ async fn client_submits_inspects_and_manages_jobs() {
     let ids = client.send_batch(&batch).await.unwrap();
     assert_eq!(ids.len(), 3);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    // Ids come back in input order, whether every job is plain (queue and
+    // data only) or one sets an option (the two take different statements).
+    let with_option: Vec<NewJob> = (0..3)
+        .map(|i| NewJob::new("emails", json!({"i": i})))
+        .chain([NewJob::new("emails", json!({"i": 3})).priority(7)])
+        .collect();
+    for jobs in [&batch, &with_option] {
+        let ids = client.send_batch(jobs).await.unwrap();
+        assert_eq!(ids.len(), jobs.len());
+        for (i, id) in ids.iter().enumerate() {
+            let job = client.job(*id).await.unwrap().unwrap();
+            assert_eq!(
+                (job.data["i"].as_u64(), job.priority),
+                (Some(i as u64), jobs[i].priority.unwrap_or(0))
+            );
+        }
+    }
 
     assert_eq!(client.cancel(id).await.unwrap(), Transition::Done);
     assert_eq!(
