@@ -974,4 +974,43 @@ INSERT INTO pgtasks.schema_version (version) VALUES (4);
 END
 $step$;
 
+-- Step 5: the four unique indexes of the queue policies become one.
+--
+-- Every insert opened each of them and prepared its predicate, though a row
+-- of a standard queue (policy NULL) enters none: one index instead of four
+-- took 8-client single-row inserts from 7.7-9.3k to 8.1-10.6k a second.
+-- Lookups by (queue, key) with a `policy = ...` and `state` test, as in
+-- policy_holder, fail_jobs and the one-per-key claim, use it as before.
+-- On an existing install the build reads the whole table once, holding off
+-- writes to it meanwhile.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 5) THEN
+    RETURN;
+END IF;
+
+-- The place a job takes among its key's under the queue's policy, NULL for
+-- none; two jobs of a key may not take the same place. Worded so that the
+-- error of a refused plain INSERT says which rule refused it.
+CREATE FUNCTION pgtasks.policy_place(policy text, state pgtasks.job_state) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE policy
+        WHEN 'short' THEN CASE WHEN state = 'created' THEN 'short: the queued job' END
+        WHEN 'singleton' THEN CASE WHEN state = 'active' THEN 'singleton: the running job' END
+        WHEN 'stately' THEN 'stately: the ' || CASE state
+            WHEN 'created' THEN 'queued' WHEN 'retry' THEN 'retrying' ELSE 'running' END || ' job'
+        WHEN 'exclusive' THEN 'exclusive: the queued or running job'
+    END
+$fn$;
+
+CREATE UNIQUE INDEX job_policy_idx
+    ON pgtasks.job (queue, coalesce(singleton_key, ''), pgtasks.policy_place(policy, state))
+    WHERE policy IS NOT NULL AND state IN ('created', 'retry', 'active');
+DROP INDEX pgtasks.job_policy_short_idx, pgtasks.job_policy_singleton_idx,
+           pgtasks.job_policy_stately_idx, pgtasks.job_policy_exclusive_idx;
+
+INSERT INTO pgtasks.schema_version (version) VALUES (5);
+END
+$step$;
+
 COMMIT;

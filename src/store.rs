@@ -284,7 +284,7 @@ const CLAIM_ONE_PER_KEY: &str = concat!(
             SELECT j.id FROM pgtasks.job j
              WHERE j.queue = $1 AND j.state IN ('created', 'retry')
                AND j.priority = p.priority AND j.run_at <= now()
-               -- Skip keys with a running job (each test served by its policy's index).
+               -- Skip keys with a running job (both tests served by job_policy_idx).
                AND NOT EXISTS (SELECT 1 FROM pgtasks.job a
                                 WHERE a.policy = 'singleton' AND a.state = 'active' AND a.queue = $1
                                   AND coalesce(a.singleton_key, '') = coalesce(j.singleton_key, ''))

@@ -1,4 +1,4 @@
-//! Queue policies (schema step 4): limits enforced by unique indexes, so
+//! Queue policies (schema steps 4 and 5): limits enforced by a unique index, so
 //! they hold for plain SQL, `pgtasks.send`, HTTP and any number of instances.
 
 use std::collections::HashMap;
@@ -101,6 +101,21 @@ async fn exclusive_keeps_one_job_queued_or_running_per_key() {
     assert_eq!(send(&client, "excl", Some("tenant-1")).await, (first, true));
     start(&client, first).await.unwrap();
     assert_eq!(send(&client, "excl", Some("tenant-1")).await, (first, true));
+    // A keyed plain INSERT meets the index itself; its error says which rule.
+    let err = client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, singleton_key) VALUES ('excl', 'tenant-1')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let db_error = err.as_db_error().unwrap();
+    assert_eq!(db_error.constraint(), Some("job_policy_idx"));
+    let detail = db_error.detail().unwrap_or_default();
+    assert!(
+        detail.contains("exclusive: the queued or running job"),
+        "{detail}"
+    );
     client
         .execute(
             "UPDATE pgtasks.job SET state = 'completed', completed_at = now(), lease_until = NULL
