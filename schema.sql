@@ -1013,4 +1013,216 @@ INSERT INTO pgtasks.schema_version (version) VALUES (5);
 END
 $step$;
 
+-- Step 6: an insert decides whether to notify without running a query.
+--
+-- Step 4's statement trigger ran two queries per INSERT (the new rows by
+-- queue, then the queue and its waiters) and cost 8 concurrent single-row
+-- producers ~40% of their rate. Now a row trigger's WHEN clause, evaluated
+-- in C for each row, calls the trigger function only when there is
+-- something to do:
+--
+-- * The queue is not a known standard queue (the WHEN clause lists those;
+--   refresh_job_inserted() rewrites it when the set changes): the function
+--   refuses an unknown queue and stamps a policy on rows of queues that
+--   have one.
+-- * A worker sleeps on the queue. A sleeping process holds the queue's
+--   advisory lock (waiter_lock_key) exclusively, on its listener
+--   connection; an insert tries it in shared mode. Taken, it is held to the
+--   end of the insert's transaction, which is what lets a worker know that
+--   nothing it might miss is in flight: its own exclusive try fails until
+--   every such insert has committed, and then its last look sees them.
+--   Refused, a worker sleeps: notify.
+--
+-- Only one process can hold the lock; other processes' sleepers rely on it
+-- ("covered") and say so by holding a second lock (covered_lock_key)
+-- shared. A holder that wakes releases the queue's lock and, when some
+-- process relies on it, notifies the queue so that they wake and one of
+-- them takes over. (A holder that crashes tells nobody: the others notice
+-- within a second, when they check again.)
+--
+-- pgtasks.queue_waiter, worker_waiting() and waiters_settled() are left in
+-- place for processes of the previous release during an upgrade; inserts
+-- no longer read them (such a process finds new jobs by its poll).
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 6) THEN
+    RETURN;
+END IF;
+
+-- The lock the sleepers that rely on another process's hold share.
+CREATE FUNCTION pgtasks.covered_lock_key(queue text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT (hashtext('pgtasks.covered')::bigint << 32) | (hashtext(queue)::bigint & 4294967295)
+$fn$;
+
+-- For a process's listener connection, when its worker on `queue` is about
+-- to sleep (`covered`: it relied on another process at its last call).
+-- Returns 'holding' (this session holds the queue's lock: every later
+-- insert notifies, and every earlier one has committed), 'covered' (another
+-- process holds it; this session now relies on it) or 'unsettled' (inserts
+-- that did not notify are still in flight: ask again shortly).
+CREATE FUNCTION pgtasks.sleep_on(queue text, covered boolean) RETURNS text
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    waiter_key bigint := pgtasks.waiter_lock_key(sleep_on.queue);
+    covered_key bigint := pgtasks.covered_lock_key(sleep_on.queue);
+BEGIN
+    -- Relying first: a holder that lets go after the look below then sees it.
+    IF NOT covered THEN
+        PERFORM pg_advisory_lock_shared(covered_key);
+    END IF;
+    IF pg_try_advisory_lock(waiter_key) THEN
+        PERFORM pg_advisory_unlock_shared(covered_key);
+        RETURN 'holding';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                WHERE l.locktype = 'advisory'
+                  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                     WHERE d.datname = current_database())
+                  AND l.classid = ((waiter_key >> 32) & 4294967295)::oid
+                  AND l.objid = (waiter_key & 4294967295)::oid
+                  AND l.objsubid = 1
+                  AND l.mode = 'ExclusiveLock' AND l.granted
+                  AND l.pid <> pg_backend_pid()) THEN
+        RETURN 'covered';
+    END IF;
+    PERFORM pg_advisory_unlock_shared(covered_key);
+    RETURN 'unsettled';
+END
+$fn$;
+
+-- For the same connection, when that worker wakes: lets go of the queue's
+-- lock (`holding`) or of relying on another's. A holder that others rely on
+-- notifies the queue so that they wake and take over.
+CREATE FUNCTION pgtasks.wake_from(queue text, holding boolean) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    covered_key bigint := pgtasks.covered_lock_key(wake_from.queue);
+BEGIN
+    IF NOT holding THEN
+        PERFORM pg_advisory_unlock_shared(covered_key);
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_unlock(pgtasks.waiter_lock_key(wake_from.queue));
+    IF NOT (pg_try_advisory_lock(covered_key) AND pg_advisory_unlock(covered_key)) THEN
+        PERFORM pg_notify('pgtasks.' || wake_from.queue, '');
+    END IF;
+END
+$fn$;
+
+-- Wakes the queue if a worker sleeps on it (see above): '' for due work,
+-- 'scheduled' for work due later. For updates that make a job available
+-- again; an insert does the same in its trigger's WHEN clause.
+CREATE OR REPLACE FUNCTION pgtasks.notify_waiters(queue text, due boolean, scheduled boolean)
+RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NOT (due OR scheduled)
+       OR pg_try_advisory_xact_lock_shared(pgtasks.waiter_lock_key(notify_waiters.queue)) THEN
+        RETURN;
+    END IF;
+    IF due THEN
+        PERFORM pg_notify('pgtasks.' || queue, '');
+    END IF;
+    IF scheduled THEN
+        PERFORM pg_notify('pgtasks.' || queue, 'scheduled');
+    END IF;
+END
+$fn$;
+
+DROP TRIGGER job_inserted ON pgtasks.job;
+
+-- Called for a new row when the WHEN clause below says so: refuses an
+-- unknown queue, stamps the policy of a queue that has one (turning a
+-- conflict into an error that names it), and notifies a sleeping worker.
+CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    queue_policy text;
+BEGIN
+    SELECT q.policy INTO queue_policy FROM pgtasks.queue q WHERE q.name = NEW.queue;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtasks: unknown queue "%"', NEW.queue
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'Declare the queue in the pgtasks config or INSERT it into pgtasks.queue first.';
+    END IF;
+    IF queue_policy <> 'standard' AND NEW.policy IS NULL THEN
+        BEGIN
+            UPDATE pgtasks.job j SET policy = queue_policy WHERE j.id = NEW.id;
+        EXCEPTION WHEN unique_violation THEN
+            RAISE EXCEPTION 'pgtasks: queue "%" has policy %: %', NEW.queue, queue_policy,
+                CASE queue_policy
+                    WHEN 'short' THEN 'a job with this key is already queued'
+                    WHEN 'exclusive' THEN 'a job with this key is already queued or running'
+                    ELSE 'a job with this key is already in that state' END
+                USING ERRCODE = 'unique_violation',
+                      HINT = 'pgtasks.send() and the HTTP API return the existing job instead.';
+        END;
+    END IF;
+    IF NEW.state IN ('created', 'retry') AND pgtasks.notify_enabled() THEN
+        PERFORM pgtasks.notify_waiters(NEW.queue, NEW.run_at <= now(), NEW.run_at > now());
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- The standard queues job_inserted's WHEN clause lists.
+CREATE TABLE pgtasks.insert_trigger_state (
+    one             boolean PRIMARY KEY DEFAULT true CHECK (one),
+    standard_queues text[]  NOT NULL
+);
+
+-- (Re)creates job_inserted with the current standard queues in its WHEN
+-- clause, when they changed. Written out, not a function call: the clause
+-- is prepared anew by every INSERT statement, and only built-in functions
+-- keep that cheap. Rewriting the trigger waits for the job table's writers
+-- in flight and holds off new ones until the calling transaction ends.
+CREATE FUNCTION pgtasks.refresh_job_inserted() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgtasks AS $fn$
+DECLARE
+    standard text[];
+BEGIN
+    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') INTO standard
+      FROM pgtasks.queue q WHERE q.policy = 'standard';
+    IF standard IS NOT DISTINCT FROM (SELECT s.standard_queues FROM pgtasks.insert_trigger_state s) THEN
+        RETURN;
+    END IF;
+    LOCK TABLE pgtasks.job IN SHARE ROW EXCLUSIVE MODE;
+    -- Read again, after any transaction that changed queues before the lock.
+    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') INTO standard
+      FROM pgtasks.queue q WHERE q.policy = 'standard';
+    EXECUTE format($sql$
+        CREATE OR REPLACE TRIGGER job_inserted
+            AFTER INSERT ON pgtasks.job
+            FOR EACH ROW
+            WHEN (NEW.queue <> ALL (%L::text[])
+                  OR (NEW.state IN ('created', 'retry')
+                      AND coalesce(current_setting('pgtasks.skip_notify', true), '') NOT IN ('on', 'true', '1')
+                      AND NOT pg_try_advisory_xact_lock_shared(
+                              (hashtext('pgtasks.queue_waiter')::bigint << 32)
+                              | (hashtext(NEW.queue)::bigint & 4294967295))))
+            EXECUTE FUNCTION pgtasks.job_inserted()$sql$, standard);
+    INSERT INTO pgtasks.insert_trigger_state (standard_queues) VALUES (standard)
+        ON CONFLICT (one) DO UPDATE SET standard_queues = EXCLUDED.standard_queues;
+END
+$fn$;
+
+CREATE FUNCTION pgtasks.queues_changed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pgtasks.refresh_job_inserted();
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER queues_changed
+    AFTER INSERT OR DELETE OR UPDATE OF name, policy OR TRUNCATE ON pgtasks.queue
+    FOR EACH STATEMENT EXECUTE FUNCTION pgtasks.queues_changed();
+
+PERFORM pgtasks.refresh_job_inserted();
+
+INSERT INTO pgtasks.schema_version (version) VALUES (6);
+END
+$step$;
+
 COMMIT;

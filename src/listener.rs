@@ -9,7 +9,14 @@
 //! half-open connection is caught by TCP keepalives and a periodic
 //! `SELECT 1` with a deadline. The listener never opens a transaction (one
 //! left open would block the server's notification queue cleanup).
+//!
+//! Its session also carries the locks that make inserts notify a sleeping
+//! worker (schema step 6): a worker about to sleep asks through its
+//! [`Sleeper`], and the locks end with the session, so a process that dies
+//! or loses its connection never leaves a stale "someone sleeps" behind.
+//! After a reconnect the workers re-arm ([`Wakeups::wake_all`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,11 +24,69 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::store::{SleepOn, SLEEP_ON, WAKE_FROM};
 use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL, DONE_CHANNEL};
+
+/// A queue worker's request about its sleeping locks.
+#[derive(Debug)]
+pub enum SleepRequest {
+    /// About to sleep: hold the queue's lock, or rely on the process that
+    /// does. `None` in reply: the listener is not connected.
+    Arm {
+        queue: Arc<str>,
+        reply: oneshot::Sender<Option<SleepOn>>,
+    },
+    /// Awake (busy): let go, so inserts stop notifying this process.
+    Wake { queue: Arc<str> },
+}
+
+/// A queue worker's line to the listener. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sleeper {
+    requests: mpsc::UnboundedSender<SleepRequest>,
+}
+
+impl Sleeper {
+    /// The workers' end and the listener's.
+    pub fn channel() -> (Sleeper, mpsc::UnboundedReceiver<SleepRequest>) {
+        let (requests, incoming) = mpsc::unbounded_channel();
+        (Sleeper { requests }, incoming)
+    }
+
+    /// Where the worker stands before it sleeps; `None` while the listener
+    /// is not connected (the worker then learns of new jobs by its poll,
+    /// until the listener is back and wakes every queue).
+    pub async fn sleep_on(&self, queue: &Arc<str>) -> Option<SleepOn> {
+        let (reply, answer) = oneshot::channel();
+        let request = SleepRequest::Arm {
+            queue: queue.clone(),
+            reply,
+        };
+        self.requests.send(request).ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// The worker is awake; no answer needed.
+    pub fn wake(&self, queue: &Arc<str>) {
+        let _ = self.requests.send(SleepRequest::Wake {
+            queue: queue.clone(),
+        });
+    }
+}
+
+/// What this session holds for sleeping workers, by queue (`Holding` or
+/// `Covered`), and its two prepared statements.
+struct SleepLocks {
+    held: HashMap<Arc<str>, SleepOn>,
+    sleep_on: Statement,
+    wake_from: Statement,
+}
 
 /// What the rest of the process may know about the listener: `/ready` and
 /// metrics read it.
@@ -68,19 +133,26 @@ pub struct Listener {
     config: ListenerConfig,
     wakeups: Wakeups,
     status: Arc<ListenerStatus>,
+    requests: mpsc::UnboundedReceiver<SleepRequest>,
 }
 
 impl Listener {
-    pub fn new(config: ListenerConfig, wakeups: Wakeups, status: Arc<ListenerStatus>) -> Self {
+    pub fn new(
+        config: ListenerConfig,
+        wakeups: Wakeups,
+        status: Arc<ListenerStatus>,
+        requests: mpsc::UnboundedReceiver<SleepRequest>,
+    ) -> Self {
         Listener {
             config,
             wakeups,
             status,
+            requests,
         }
     }
 
     /// Runs until `shutdown`; never returns early on database errors.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
             let result = self.session(&shutdown, &mut failures).await;
@@ -93,18 +165,29 @@ impl Listener {
                     metrics::counter!("pgtasks_listener_reconnects_total").increment(1);
                     let delay = backoff(failures, self.config.reconnect_max_delay);
                     warn!(%error, retry_in_ms = delay.as_millis() as u64, "listener disconnected; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    let mut pause = pin!(tokio::time::sleep(delay));
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = &mut pause => break,
+                            // No session, no locks: a worker asking sleeps
+                            // on its poll until the reconnect wakes it.
+                            Some(request) = self.requests.recv() => {
+                                if let SleepRequest::Arm { reply, .. } = request {
+                                    let _ = reply.send(None);
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// One connection's life: connect, LISTEN, dispatch until error or shutdown.
+    /// One connection's life: connect, LISTEN, dispatch and serve sleep
+    /// requests until error or shutdown.
     async fn session(
-        &self,
+        &mut self,
         shutdown: &CancellationToken,
         failures: &mut u32,
     ) -> Result<(), SessionError> {
@@ -134,6 +217,15 @@ impl Listener {
             .collect();
         self.drive(client.batch_execute(&listen), &mut messages)
             .await??;
+        let mut locks = SleepLocks {
+            held: HashMap::new(),
+            sleep_on: self
+                .drive(client.prepare(SLEEP_ON), &mut messages)
+                .await??,
+            wake_from: self
+                .drive(client.prepare(WAKE_FROM), &mut messages)
+                .await??,
+        };
 
         self.status.connected.store(true, Ordering::Relaxed);
         metrics::gauge!("pgtasks_listener_connected").set(1.0);
@@ -151,9 +243,17 @@ impl Listener {
         check.tick().await;
         let result = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled() => {
+                    self.let_go_of_all(&client, &mut locks, &mut messages).await;
+                    break Ok(());
+                }
                 message = messages.next() => {
                     if let Err(e) = self.dispatch(message) { break Err(e) }
+                }
+                Some(request) = self.requests.recv() => {
+                    if let Err(e) = self.serve(request, &client, &mut locks, &mut messages).await {
+                        break Err(e);
+                    }
                 }
                 _ = check.tick() => {
                     let limit = self.config.check_interval.min(Duration::from_secs(10));
@@ -169,6 +269,84 @@ impl Listener {
         };
         metrics::gauge!("pgtasks_listener_connected").set(0.0);
         result
+    }
+
+    /// Answers a worker's sleep request on this session. A statement the
+    /// database refuses is logged and answered "not connected" (the worker
+    /// then relies on its poll); a lost connection ends the session.
+    async fn serve(
+        &self,
+        request: SleepRequest,
+        client: &Client,
+        locks: &mut SleepLocks,
+        messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
+    ) -> Result<(), SessionError> {
+        match request {
+            SleepRequest::Arm { queue, reply } => {
+                let held = locks.held.get(&queue).copied();
+                if held == Some(SleepOn::Holding) {
+                    let _ = reply.send(Some(SleepOn::Holding));
+                    return Ok(());
+                }
+                let name: &str = &queue;
+                let covered = held == Some(SleepOn::Covered);
+                let params: [&(dyn ToSql + Sync); 2] = [&name, &covered];
+                let asked = client.query_one(&locks.sleep_on, &params);
+                let answer = match self.drive(asked, messages).await? {
+                    Ok(row) => SleepOn::from_sql(row.get(0)),
+                    Err(e) if e.as_db_error().is_some() => {
+                        warn!(queue = name, error = %e, "pgtasks.sleep_on failed");
+                        let _ = reply.send(None);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if answer == SleepOn::Unsettled {
+                    locks.held.remove(&queue);
+                } else {
+                    locks.held.insert(queue, answer);
+                }
+                let _ = reply.send(Some(answer));
+            }
+            SleepRequest::Wake { queue } => {
+                if let Some(held) = locks.held.remove(&queue) {
+                    let name: &str = &queue;
+                    let holding = held == SleepOn::Holding;
+                    let params: [&(dyn ToSql + Sync); 2] = [&name, &holding];
+                    let woken = client.execute(&locks.wake_from, &params);
+                    match self.drive(woken, messages).await? {
+                        Ok(_) => {}
+                        Err(e) if e.as_db_error().is_some() => {
+                            warn!(queue = name, error = %e, "pgtasks.wake_from failed")
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At shutdown, lets go of every queue, so that processes relying on
+    /// this one hear it now rather than at their next check. Best effort:
+    /// the locks end with the session anyway.
+    async fn let_go_of_all(
+        &self,
+        client: &Client,
+        locks: &mut SleepLocks,
+        messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
+    ) {
+        let queues: Vec<Arc<str>> = locks.held.keys().cloned().collect();
+        let all = async {
+            for queue in queues {
+                self.serve(SleepRequest::Wake { queue }, client, locks, messages)
+                    .await?;
+            }
+            Ok::<_, SessionError>(())
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), all).await {
+            debug!(error = %e, "letting go of sleep locks at shutdown failed");
+        }
     }
 
     /// Runs a client request while pumping the connection, which is what

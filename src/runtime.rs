@@ -40,7 +40,7 @@ use crate::api::{self, ApiState, Server};
 use crate::config::{validate_queue_name, Config, QueueConfig};
 use crate::db::{self, DbError};
 use crate::handler::{Handler, SharedHandler};
-use crate::listener::{Listener, ListenerConfig, ListenerStatus};
+use crate::listener::{Listener, ListenerConfig, ListenerStatus, Sleeper};
 use crate::maintenance::vacuum::VacuumAfter;
 use crate::maintenance::Maintenance;
 use crate::metrics::QueueMetrics;
@@ -178,6 +178,7 @@ impl Runtime {
         };
         let wakeups = Wakeups::new(handlers.keys().map(String::as_str));
         let mut stats = BTreeMap::new();
+        let (sleeper, sleep_requests) = Sleeper::channel();
 
         if self.run_maintenance {
             let maintenance = Maintenance::new(pool.clone(), config.maintenance.intervals());
@@ -212,6 +213,7 @@ impl Runtime {
                     },
                     wakeups.clone(),
                     status.clone(),
+                    sleep_requests,
                 );
                 tasks.spawn(listener.run(shutdown.clone()));
             } else {
@@ -274,7 +276,7 @@ impl Runtime {
                     attempts: attempts.clone(),
                     abort: abort.clone(),
                     running: wakeups.running().clone(),
-                    waiter: config.worker.listen.then(rand::random::<i64>),
+                    sleeper: config.worker.listen.then(|| sleeper.clone()),
                     one_per_claim: config.queues[queue].policy.one_active_per_key(),
                 };
                 workers.spawn(worker.run(shutdown.clone()));

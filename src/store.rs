@@ -226,15 +226,10 @@ WITH RECURSIVE priorities AS (
 }
 
 /// The end of both claim statements, after their `next` CTE (the ids to
-/// claim, locked): marks the caller's waiting record awake when it got work
-/// (`$3`), starts each job's attempt and lease, and returns the jobs.
+/// claim, locked): starts each job's attempt and lease, and returns the jobs.
 macro_rules! lease_next {
     () => {
-        "), woken AS (
-    -- A waiting worker that got work is awake: inserts stop notifying it.
-    UPDATE pgtasks.queue_waiter SET expires_at = now()
-     WHERE queue = $1 AND worker = $3 AND EXISTS (SELECT 1 FROM next)
-)
+        ")
 UPDATE pgtasks.job j
    SET state = 'active', attempt = j.attempt + 1, started_at = now(),
        lease_until = now() + q.lease
@@ -314,12 +309,10 @@ pub struct Claimed {
 /// most one, of a key with none running, when `one_per_key` (the singleton
 /// and stately policies, as configured). Two instances racing for one key:
 /// the loser's claim fails with `unique_violation` and claims nothing.
-/// When it claims any, the `waiter` record (if given) is marked awake.
 pub async fn claim_jobs(
     client: &impl GenericClient,
     queue: &str,
     limit: usize,
-    waiter: Option<i64>,
     one_per_key: bool,
 ) -> Result<Vec<Claimed>, Error> {
     let sql = if one_per_key {
@@ -329,7 +322,7 @@ pub async fn claim_jobs(
     };
     let statement = client.prepare_cached(sql).await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client.query(&statement, &[&queue, &limit, &waiter]).await?;
+    let rows = client.query(&statement, &[&queue, &limit]).await?;
     Ok(rows
         .iter()
         .map(|row| Claimed {
@@ -350,52 +343,35 @@ pub async fn claim_jobs(
         .collect())
 }
 
-const WORKER_WAITING: &str = "SELECT pgtasks.worker_waiting($1, $2, $3 * interval '1 second')";
-
-/// Records `worker` as waiting on `queue` for `lifetime`, so inserts notify
-/// it. True when no insert that could have missed the record is still in
-/// flight: one more claim then sees everything not notified.
-pub async fn worker_waiting(
-    client: &impl GenericClient,
-    queue: &str,
-    worker: i64,
-    lifetime: Duration,
-) -> Result<bool, Error> {
-    let statement = client.prepare_cached(WORKER_WAITING).await?;
-    let row = client
-        .query_one(&statement, &[&queue, &worker, &lifetime.as_secs_f64()])
-        .await?;
-    Ok(row.get(0))
+/// Where a worker about to sleep stands, from `pgtasks.sleep_on` (schema
+/// step 6). The listener's connection runs it and [`WAKE_FROM`], because
+/// the session locks they take must last as long as the sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepOn {
+    /// This session holds the queue's lock: every later insert notifies,
+    /// and every earlier one that did not has committed.
+    Holding,
+    /// Another process holds it; this session relies on that one.
+    Covered,
+    /// Inserts that did not notify are still in flight: ask again shortly.
+    Unsettled,
 }
 
-const WAITERS_SETTLED: &str = "SELECT pgtasks.waiters_settled($1)";
-
-/// Asks again, without writing, whether inserts that could have missed a
-/// waiting record (already recorded) have all committed.
-pub async fn waiters_settled(client: &impl GenericClient, queue: &str) -> Result<bool, Error> {
-    let statement = client.prepare_cached(WAITERS_SETTLED).await?;
-    Ok(client.query_one(&statement, &[&queue]).await?.get(0))
+impl SleepOn {
+    pub fn from_sql(answer: &str) -> SleepOn {
+        match answer {
+            "holding" => SleepOn::Holding,
+            "covered" => SleepOn::Covered,
+            _ => SleepOn::Unsettled,
+        }
+    }
 }
 
-const WORKER_GONE: &str = "DELETE FROM pgtasks.queue_waiter WHERE queue = $1 AND worker = $2";
+/// `$2`: this session relied on another process at its last call.
+pub const SLEEP_ON: &str = "SELECT pgtasks.sleep_on($1, $2)";
 
-/// Removes a stopping worker's waiting record.
-pub async fn worker_gone(
-    client: &impl GenericClient,
-    queue: &str,
-    worker: i64,
-) -> Result<(), Error> {
-    client.execute(WORKER_GONE, &[&queue, &worker]).await?;
-    Ok(())
-}
-
-const DELETE_STALE_WAITERS: &str =
-    "DELETE FROM pgtasks.queue_waiter WHERE expires_at < now() - interval '1 hour'";
-
-/// Removes waiting records of workers that stopped without saying so.
-pub async fn delete_stale_waiters(client: &impl GenericClient) -> Result<u64, Error> {
-    client.execute(DELETE_STALE_WAITERS, &[]).await
-}
+/// Undoes `sleep_on`'s holding (`$2` true) or relying (false).
+pub const WAKE_FROM: &str = "SELECT pgtasks.wake_from($1, $2)";
 
 // On the claim index (queue, priority DESC, run_at, id): the queue's
 // distinct priorities by skip scan, then the earliest future run_at of each,

@@ -22,6 +22,9 @@ pub struct QueueWakeup {
     schedule_changed: AtomicBool,
     /// Notifications received for this queue (before folding).
     notifications: AtomicU64,
+    /// Set when the listener (re)connected: any sleep locks the worker
+    /// held went with the old session.
+    sleep_lost: AtomicBool,
 }
 
 impl QueueWakeup {
@@ -50,6 +53,11 @@ impl QueueWakeup {
     /// stored in the `Notify`.
     pub async fn notified(&self) {
         self.notify.notified().await;
+    }
+
+    /// Reads and clears the flag that the sleep locks were lost.
+    pub fn take_sleep_lost(&self) -> bool {
+        self.sleep_lost.swap(false, Ordering::Relaxed)
     }
 
     /// Reads and clears the schedule flag.
@@ -214,9 +222,11 @@ impl Wakeups {
     }
 
     /// After the listener (re)connects: notifications sent while it was away
-    /// are gone, so every queue looks again, timers included.
+    /// are gone, so every queue looks again, timers included, and arms again
+    /// on the new session.
     pub fn wake_all(&self) {
         for wakeup in self.queues.values() {
+            wakeup.sleep_lost.store(true, Ordering::Relaxed);
             wakeup.schedule_changed();
         }
     }

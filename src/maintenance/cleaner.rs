@@ -1,7 +1,6 @@
 //! The cleaner: finished jobs past their queue's retention are deleted in
 //! small batches, each its own short transaction, so it never holds long
-//! locks and the job table stays small under sustained load. Waiting records
-//! of workers that vanished (crashed) go too.
+//! locks and the job table stays small under sustained load.
 
 use deadpool_postgres::Pool;
 
@@ -15,7 +14,6 @@ const MAX_BATCHES: usize = 50;
 
 pub async fn clean_once(pool: &Pool) -> Result<u64, MaintenanceError> {
     let mut client = pool.get().await?;
-    store::delete_stale_waiters(&client).await?;
     let mut deleted = 0;
     for _ in 0..MAX_BATCHES {
         let tx = client.transaction().await?;

@@ -2,9 +2,10 @@
 //! runs each in its own task, bounded by the queue's concurrency; the
 //! [`completer`] writes their outcomes.
 //!
-//! Before sleeping with nothing to claim, the worker records itself in
-//! `pgtasks.queue_waiter` (inserts notify only while such a record is live)
-//! and, once the record has settled, claims once more. It then sleeps until a
+//! Before sleeping with nothing to claim, the worker asks the listener to
+//! arm its queue (schema step 6: inserts notify only while a process holds
+//! the queue's lock, and its own look at the queue after taking it sees
+//! every insert that did not), and claims once more. It then sleeps until a
 //! wakeup from the listener (or the completer), the slow poll, its timer for
 //! the queue's next future `run_at`, or a freed slot while the last claim
 //! suggested more work is waiting. It claims up to its free slots in one
@@ -26,8 +27,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::handler::SharedHandler;
+use crate::listener::Sleeper;
 use crate::metrics::QueueMetrics;
-use crate::store;
+use crate::store::{self, SleepOn};
 use crate::wakeup::{QueueWakeup, RunningJobs};
 use attempt::Attempt;
 use completer::AckSender;
@@ -43,10 +45,10 @@ pub struct QueueStats {
     pub claims: AtomicU64,
     /// Jobs claimed.
     pub claimed: AtomicU64,
-    /// Asleep with a settled waiting record: an insert now notifies it.
+    /// Asleep and armed: an insert now notifies it.
     pub waiting: AtomicBool,
-    /// Times the waiting record could not settle at once (an insert that
-    /// may have missed it was in flight).
+    /// Times arming could not settle at once (an insert that did not
+    /// notify was in flight).
     pub unsettled: AtomicU64,
 }
 
@@ -94,9 +96,9 @@ pub struct QueueWorker {
     /// Fires when shutdown's grace period is over.
     pub abort: CancellationToken,
     pub running: RunningJobs,
-    /// This worker's id in `pgtasks.queue_waiter`; `None` in poll-only mode
-    /// (no listener), where notifications are never needed.
-    pub waiter: Option<i64>,
+    /// The line to the listener, whose session holds the queue's sleep
+    /// locks; `None` in poll-only mode, where notifications are never needed.
+    pub sleeper: Option<Sleeper>,
     /// The queue's policy lets a claim take only one job (singleton, stately).
     pub one_per_claim: bool,
 }
@@ -109,23 +111,33 @@ enum Wake {
     Poll,
     Timer,
     SlotFreed,
-    /// Just recorded itself as waiting: one more look before sleeping.
+    /// Just armed: one more look before sleeping.
     Recheck,
-    /// Time to ask again whether inserts in flight have settled.
+    /// Time to arm again: inserts in flight may have settled, or the
+    /// process this one relies on may be gone.
     Settle,
 }
 
-/// Where the worker stands with its `pgtasks.queue_waiter` record, which
-/// decides whether inserts notify it (schema step 4).
+/// Where the worker stands with its queue's sleep locks (schema step 6),
+/// which decide whether inserts notify it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waiting {
-    /// No live record known: inserts may not notify this worker.
+    /// Not armed: inserts may not notify this worker.
     No,
-    /// Recorded, but an insert that may have missed the record was still
-    /// in flight; ask again after this long.
+    /// Inserts that did not notify were still in flight; arm again after
+    /// this long.
     Unsettled(Duration),
-    /// Recorded and settled: every later insert notifies.
-    Yes,
+    /// This process holds the queue's lock: every later insert notifies.
+    Holding,
+    /// Another process holds it, so inserts notify (every process hears
+    /// it); checked again every `COVERED_RECHECK` in case that one is gone.
+    Covered,
+}
+
+impl Waiting {
+    fn armed(self) -> bool {
+        matches!(self, Waiting::Holding | Waiting::Covered)
+    }
 }
 
 /// Longest wait for more free slots before claiming (see `gather_free_slots`):
@@ -139,6 +151,10 @@ const GATHER_MAX: Duration = Duration::from_millis(2);
 /// read-only statement.
 const SETTLE_FIRST: Duration = Duration::from_millis(1);
 const SETTLE_MAX: Duration = Duration::from_millis(5);
+
+/// How often a worker relying on another process's hold arms again. That
+/// process tells it when it lets go, but a crash tells nobody.
+const COVERED_RECHECK: Duration = Duration::from_secs(1);
 
 impl QueueWorker {
     /// Claims and starts jobs until `stop` fires. Attempts already running
@@ -158,6 +174,10 @@ impl QueueWorker {
                 self.stats.notified.fetch_add(1, Ordering::Relaxed);
             }
             debug!(queue = %self.queue, ?reason, "worker awake");
+            if self.wakeup.take_sleep_lost() {
+                // The listener's session, and the locks it held, are new.
+                waiting = Waiting::No;
+            }
             if reason != Wake::Settle {
                 refresh_timer |= self.wakeup.take_schedule_changed();
                 // The timer is read before the claim: a row not yet due when
@@ -176,31 +196,25 @@ impl QueueWorker {
                         }
                     }
                 }
-                let recorded = (waiting != Waiting::No).then_some(self.waiter).flatten();
-                match self
-                    .claim_and_start(&slots, &slot_freed, &stop, recorded)
-                    .await
-                {
+                match self.claim_and_start(&slots, &slot_freed, &stop).await {
                     Ok(claim) => {
                         more_waiting = claim.full;
                         failures = 0;
-                        // A claim that took jobs marked the record awake; an
-                        // unsettled record is asked about afresh; and each
-                        // poll renews the record before it expires.
-                        if claim.any || waiting != Waiting::Yes || reason == Wake::Poll {
-                            waiting = Waiting::No;
+                        // Busy now: inserts need not notify this process.
+                        if claim.any {
+                            waiting = self.wake_up(waiting);
                         }
                     }
                     Err(e) if is_policy_race(&*e) => {
                         // Another instance started a job of the same key
                         // first (singleton, stately): nothing to claim now.
                         failures += 1;
-                        waiting = Waiting::No;
+                        waiting = self.wake_up(waiting);
                         debug!(queue = %self.queue, "claim lost a policy race; will retry");
                     }
                     Err(e) => {
                         failures += 1;
-                        waiting = Waiting::No;
+                        waiting = self.wake_up(waiting);
                         warn!(queue = %self.queue, error = %e, "claim failed; will retry");
                         self.metrics.claim_errors.increment(1);
                         refresh_timer = true;
@@ -210,23 +224,26 @@ impl QueueWorker {
 
             // Nothing left to claim: before sleeping, make sure inserts will
             // wake this worker, then look once more.
-            if let Some(worker) = self.waiter {
+            if let Some(sleeper) = &self.sleeper {
                 let idle = !more_waiting && failures == 0 && !stop.is_cancelled();
-                if idle && waiting != Waiting::Yes {
-                    let asking_again =
-                        reason == Wake::Settle && matches!(waiting, Waiting::Unsettled(_));
-                    waiting = self.prepare_to_sleep(worker, waiting, asking_again).await;
-                    if waiting == Waiting::Yes {
-                        // 'scheduled' notifications were skipped while awake.
+                let ask = match waiting {
+                    Waiting::No | Waiting::Unsettled(_) => true,
+                    Waiting::Covered => reason == Wake::Settle,
+                    Waiting::Holding => false,
+                };
+                if idle && ask {
+                    let before = waiting;
+                    waiting = self.arm(sleeper, waiting).await;
+                    // Newly holding (or relying): inserts before now may not
+                    // have notified, and 'scheduled' ones were skipped.
+                    if waiting.armed() && waiting != before {
                         refresh_timer = true;
                         reason = Wake::Recheck;
                         continue;
                     }
                 }
             }
-            self.stats
-                .waiting
-                .store(waiting == Waiting::Yes, Ordering::Relaxed);
+            self.stats.waiting.store(waiting.armed(), Ordering::Relaxed);
 
             // After an error, retry soon (bounded backoff) rather than at the poll.
             let poll = if failures > 0 {
@@ -239,7 +256,12 @@ impl QueueWorker {
                 Some(t) if t < poll_at => (t, Wake::Timer),
                 _ => (poll_at, Wake::Poll),
             };
-            if let Waiting::Unsettled(after) = waiting {
+            let arm_again = match waiting {
+                Waiting::Unsettled(after) => Some(after),
+                Waiting::Covered => Some(COVERED_RECHECK),
+                Waiting::No | Waiting::Holding => None,
+            };
+            if let Some(after) = arm_again {
                 let settle_at = Instant::now() + after;
                 if settle_at < deadline {
                     (deadline, deadline_reason) = (settle_at, Wake::Settle);
@@ -265,9 +287,7 @@ impl QueueWorker {
             }
         }
         self.stats.waiting.store(false, Ordering::Relaxed);
-        if let Some(worker) = self.waiter {
-            self.forget_waiting(worker).await;
-        }
+        self.wake_up(waiting);
     }
 
     /// Claims up to the free slots, again while claims come back full and
@@ -278,7 +298,6 @@ impl QueueWorker {
         slots: &Arc<Semaphore>,
         slot_freed: &Arc<Notify>,
         stop: &CancellationToken,
-        mut waiter: Option<i64>,
     ) -> Result<Claim, Box<dyn std::error::Error + Send + Sync>> {
         let mut any = false;
         loop {
@@ -294,12 +313,9 @@ impl QueueWorker {
             };
             let claimed = {
                 let client = self.pool.get().await?;
-                store::claim_jobs(&client, &self.queue, free, waiter, self.one_per_claim).await?
+                store::claim_jobs(&client, &self.queue, free, self.one_per_claim).await?
             };
-            if !claimed.is_empty() {
-                any = true;
-                waiter = None;
-            }
+            any |= !claimed.is_empty();
             self.stats.claims.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .claimed
@@ -359,58 +375,32 @@ impl QueueWorker {
         }
     }
 
-    /// Before sleeping with nothing to claim: records this worker as waiting
-    /// (or, when it is recorded already and only asking again, checks
-    /// without writing) so that inserts wake it. Returns where it stands.
-    async fn prepare_to_sleep(&self, worker: i64, waiting: Waiting, asking_again: bool) -> Waiting {
-        let settled = if asking_again {
-            self.waiters_settled().await
-        } else {
-            self.record_waiting(worker).await
-        };
-        match settled {
-            Ok(true) => Waiting::Yes,
-            Ok(false) => {
+    /// Before sleeping with nothing to claim: asks the listener to arm the
+    /// queue, so that inserts wake this worker. Returns where it stands.
+    async fn arm(&self, sleeper: &Sleeper, waiting: Waiting) -> Waiting {
+        match sleeper.sleep_on(&self.queue).await {
+            Some(SleepOn::Holding) => Waiting::Holding,
+            Some(SleepOn::Covered) => Waiting::Covered,
+            Some(SleepOn::Unsettled) => {
                 self.stats.unsettled.fetch_add(1, Ordering::Relaxed);
                 Waiting::Unsettled(match waiting {
                     Waiting::Unsettled(d) => (d * 2).min(SETTLE_MAX),
                     _ => SETTLE_FIRST,
                 })
             }
-            Err(e) => {
-                warn!(queue = %self.queue, error = %e, "recording the worker as waiting failed");
+            None => {
+                debug!(queue = %self.queue, "listener not connected: sleeping on the poll");
                 Waiting::No
             }
         }
     }
 
-    /// Records this worker as waiting; true once inserts in flight settled.
-    async fn record_waiting(
-        &self,
-        worker: i64,
-    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-        let client = self.pool.get().await?;
-        let lifetime = self.poll_interval * 2 + Duration::from_secs(10);
-        Ok(store::worker_waiting(&client, &self.queue, worker, lifetime).await?)
-    }
-
-    async fn waiters_settled(&self) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-        let client = self.pool.get().await?;
-        Ok(store::waiters_settled(&client, &self.queue).await?)
-    }
-
-    /// Best effort at shutdown: a record left behind only expires later.
-    async fn forget_waiting(&self, worker: i64) {
-        let forget = async {
-            let client = self.pool.get().await?;
-            store::worker_gone(&client, &self.queue, worker).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(1), forget).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(queue = %self.queue, error = %e, "removing waiting record failed"),
-            Err(_) => debug!(queue = %self.queue, "removing waiting record timed out"),
+    /// Awake and busy: lets go of the queue's sleep locks, if armed.
+    fn wake_up(&self, waiting: Waiting) -> Waiting {
+        if let (true, Some(sleeper)) = (waiting.armed(), &self.sleeper) {
+            sleeper.wake(&self.queue);
         }
+        Waiting::No
     }
 
     /// The local instant of the queue's next future `run_at`, measured on the

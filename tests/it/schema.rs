@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::support::TestDb;
+use crate::support::{wait_for, TestDb, SECS_10};
 
 fn psql_file(url: &str) -> std::process::Output {
     Command::new("psql")
@@ -208,13 +208,14 @@ async fn trigger_notifies_once_per_queue_per_statement() {
     let db = TestDb::new().await;
     let client = db.client().await;
     client
-        .batch_execute(
-            "INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c');
-             -- A waiting worker on each queue, as a sleeping worker records itself.
-             SELECT pgtasks.worker_waiting(q, 1, '1 hour') FROM unnest('{a,b,c}'::text[]) q;",
-        )
+        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c')")
         .await
         .unwrap();
+    // A sleeping worker on each queue, as a listener's session arms them.
+    let sleeper = db.client().await;
+    for queue in ["a", "b", "c"] {
+        assert_eq!(sleep_on(&sleeper, queue, false).await, "holding");
+    }
     let (_listener, mut rx) = listen(
         &db.url,
         &["pgtasks.a", "pgtasks.b", "pgtasks.c", "sentinel"],
@@ -282,8 +283,24 @@ async fn trigger_notifies_once_per_queue_per_statement() {
     );
 }
 
+/// `pgtasks.sleep_on` as a listener's session runs it.
+async fn sleep_on(session: &tokio_postgres::Client, queue: &str, covered: bool) -> String {
+    session
+        .query_one("SELECT pgtasks.sleep_on($1, $2)", &[&queue, &covered])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn wake_from(session: &tokio_postgres::Client, queue: &str, holding: bool) {
+    session
+        .execute("SELECT pgtasks.wake_from($1, $2)", &[&queue, &holding])
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
-async fn inserts_notify_only_while_a_worker_waits() {
+async fn inserts_notify_only_while_a_worker_sleeps() {
     let db = TestDb::new().await;
     let client = db.client().await;
     client
@@ -292,53 +309,53 @@ async fn inserts_notify_only_while_a_worker_waits() {
         .unwrap();
     let (_listener, mut rx) = listen(&db.url, &["pgtasks.a", "sentinel"]).await;
     let insert = "INSERT INTO pgtasks.job (queue) VALUES ('a')";
+    let notified = vec![("pgtasks.a".to_string(), String::new())];
 
-    // Nobody waits: no notification, and no cluster-wide commit lock taken.
+    // Nobody sleeps: no notification, and no cluster-wide commit lock taken.
     client.execute(insert, &[]).await.unwrap();
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 
-    // A waiting worker is notified...
-    let settled: bool = client
-        .query_one("SELECT pgtasks.worker_waiting('a', 7, '1 hour')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        settled,
-        "no insert in flight, so the record settles at once"
-    );
+    // A process whose worker sleeps holds the queue's lock: inserts notify...
+    let first = db.client().await;
+    assert_eq!(sleep_on(&first, "a", false).await, "holding");
     client.execute(insert, &[]).await.unwrap();
-    assert_eq!(
-        drain_until_sentinel(&client, &mut rx).await,
-        vec![("pgtasks.a".to_string(), String::new())]
-    );
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, notified);
 
-    // ...until it claims work (its record is marked awake) or the record expires.
-    client
-        .execute(
-            "UPDATE pgtasks.queue_waiter SET expires_at = now() - interval '1 second'",
-            &[],
-        )
-        .await
-        .unwrap();
+    // ...and a second process's sleeper relies on that one...
+    let second = db.client().await;
+    assert_eq!(sleep_on(&second, "a", false).await, "covered");
+    client.execute(insert, &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, notified);
+
+    // ...which, letting go, wakes the queue so that the second takes over.
+    wake_from(&first, "a", true).await;
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, notified);
+    assert_eq!(sleep_on(&second, "a", true).await, "holding");
+    client.execute(insert, &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, notified);
+
+    // With nobody relying on it, letting go is silent, and so are inserts.
+    wake_from(&second, "a", true).await;
     client.execute(insert, &[]).await.unwrap();
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 
-    // Outside READ COMMITTED a snapshot may predate a record: always notify.
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ; {insert}; COMMIT;"
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        drain_until_sentinel(&client, &mut rx).await,
-        vec![("pgtasks.a".to_string(), String::new())]
-    );
+    // A process that goes away (crash, lost connection) takes its hold along.
+    let third = db.client().await;
+    assert_eq!(sleep_on(&third, "a", false).await, "holding");
+    drop(third);
+    wait_for("the dead session's lock to go", SECS_10, || async {
+        let (_session, mut quiet) = listen(&db.url, &["pgtasks.a", "sentinel"]).await;
+        client.execute(insert, &[]).await.unwrap();
+        drain_until_sentinel(&client, &mut quiet)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
-async fn a_waiting_record_settles_only_after_inserts_in_flight_commit() {
+async fn arming_settles_only_after_inserts_in_flight_commit() {
     let db = TestDb::new().await;
     let client = db.client().await;
     client
@@ -351,31 +368,20 @@ async fn a_waiting_record_settles_only_after_inserts_in_flight_commit() {
         .await
         .unwrap();
 
-    let waiting = |queue: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .query_one("SELECT pgtasks.worker_waiting($1, 7, '1 hour')", &[&queue])
-                .await
-                .unwrap()
-                .get::<_, bool>(0)
-        }
-    };
-    // The insert read "nobody waits" and has not committed: a worker's last
-    // look now could miss its row, so the record is not settled...
-    assert!(!waiting("a").await);
+    // The insert found nobody sleeping and has not committed: a worker's
+    // last look now could miss its row, so arming does not settle...
+    assert_eq!(sleep_on(&client, "a", false).await, "unsettled");
+    assert_eq!(sleep_on(&client, "a", false).await, "unsettled");
     // ...while another queue is unaffected...
-    assert!(waiting("b").await);
-    // ...and once the insert commits, it is.
+    assert_eq!(sleep_on(&client, "b", false).await, "holding");
+    // ...and once the insert commits, it does.
     tx.commit().await.unwrap();
-    assert!(waiting("a").await);
-    let waiting_rows: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pgtasks.queue_waiter WHERE worker = 7 AND expires_at > now()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(waiting_rows, 2, "one record per queue, renewed in place");
+    assert_eq!(sleep_on(&client, "a", false).await, "holding");
+    // An unsettled answer left nothing behind: one letting go of each
+    // queue, and another session can hold both.
+    wake_from(&client, "a", true).await;
+    wake_from(&client, "b", true).await;
+    let other = db.client().await;
+    assert_eq!(sleep_on(&other, "a", false).await, "holding");
+    assert_eq!(sleep_on(&other, "b", false).await, "holding");
 }

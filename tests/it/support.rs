@@ -276,7 +276,7 @@ pub async fn insert_job(client: &Client, queue: &str, data: serde_json::Value) -
 pub const SECS_10: Duration = Duration::from_secs(10);
 
 /// Waits until the runtime's listener is connected and its workers sleep as
-/// recorded waiters, so a job inserted next is notified and heard.
+/// armed, so a job inserted next is notified and heard.
 pub async fn listening(running: &pgtasks::Running) {
     wait_for("listener and idle workers", SECS_10, || async {
         running.idle_and_listening().then_some(())
@@ -285,7 +285,7 @@ pub async fn listening(running: &pgtasks::Running) {
 }
 
 /// A runtime whose `readme-queue` worker records every run, started and
-/// listening (its worker asleep as a recorded waiter).
+/// listening (its worker asleep and armed).
 pub async fn start_recording(db: &TestDb, recorder: &Recorder) -> (Running, CancellationToken) {
     start_recording_with(db.config(), recorder).await
 }

@@ -143,3 +143,52 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+/// Two processes on one queue: one holds the queue's lock, the other relies
+/// on it and hears every notification too. When one stops, the other holds
+/// the lock itself. The test config's poll is a minute: a job that waits
+/// for it fails its deadline.
+#[tokio::test]
+async fn two_processes_share_a_queue_and_one_takes_over_when_the_other_stops() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (first, stop_first) = start_recording(&db, &recorder).await;
+    let (second, stop_second) = start_recording(&db, &recorder).await;
+    let client = db.client().await;
+    let run_one = |round: usize| {
+        let (client, recorder) = (&client, recorder.clone());
+        async move {
+            let id = insert_job(client, "readme-queue", serde_json::json!({"round": round})).await;
+            wait_for(
+                &format!("round {round}: job {id} to run"),
+                Duration::from_secs(5),
+                || async { recorder.runs().contains_key(&id).then_some(()) },
+            )
+            .await;
+        }
+    };
+    let both_asleep = || async {
+        let asleep = |r: &pgtasks::Running| r.stats("readme-queue").unwrap().waiting();
+        (asleep(&first) && asleep(&second)).then_some(())
+    };
+    for round in 0..20 {
+        wait_for("both workers asleep and armed", SECS_10, both_asleep).await;
+        run_one(round).await;
+    }
+    stop_first.cancel();
+    first.stopped().await;
+    for round in 20..40 {
+        wait_for("the second worker asleep and armed", SECS_10, || async {
+            second
+                .stats("readme-queue")
+                .unwrap()
+                .waiting()
+                .then_some(())
+        })
+        .await;
+        run_one(round).await;
+    }
+    assert_eq!(recorder.runs().len(), 40);
+    stop_second.cancel();
+    second.stopped().await;
+}
