@@ -1017,14 +1017,14 @@ $step$;
 --
 -- Step 4's statement trigger ran two queries per INSERT (the new rows by
 -- queue, then the queue and its waiters) and cost 8 concurrent single-row
--- producers ~40% of their rate. Now a row trigger's WHEN clause, evaluated
--- in C for each row, calls the trigger function only when there is
--- something to do:
+-- producers ~40% of their rate. Now one BEFORE row trigger, whose WHEN
+-- clause is evaluated in C for each row, calls its function only when
+-- there is something to do:
 --
 -- * The queue is not a known standard queue (the WHEN clause lists those;
 --   refresh_job_inserted() rewrites it when the set changes): the function
---   refuses an unknown queue and stamps a policy on rows of queues that
---   have one.
+--   refuses an unknown queue and stamps the policy of a queue that has one
+--   on the row (step 4's separate trigger for keyed rows goes).
 -- * A worker sleeps on the queue. A sleeping process holds the queue's
 --   advisory lock (waiter_lock_key) exclusively, on its listener
 --   connection; an insert tries it in shared mode. Taken, it is held to the
@@ -1131,11 +1131,15 @@ END
 $fn$;
 
 DROP TRIGGER job_inserted ON pgtasks.job;
+DROP TRIGGER job_keyed_policy ON pgtasks.job;
+DROP FUNCTION pgtasks.job_keyed_policy();
+DROP FUNCTION pgtasks.job_inserted();
 
 -- Called for a new row when the WHEN clause below says so: refuses an
--- unknown queue, stamps the policy of a queue that has one (turning a
--- conflict into an error that names it), and notifies a sleeping worker.
-CREATE OR REPLACE FUNCTION pgtasks.job_inserted() RETURNS trigger
+-- unknown queue, stamps the queue's policy on the row (a conflict is then
+-- the unique index's error, whose detail names the rule), and notifies a
+-- sleeping worker.
+CREATE FUNCTION pgtasks.job_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
     queue_policy text;
@@ -1146,23 +1150,11 @@ BEGIN
             USING ERRCODE = 'foreign_key_violation',
                   HINT = 'Declare the queue in the pgtasks config or INSERT it into pgtasks.queue first.';
     END IF;
-    IF queue_policy <> 'standard' AND NEW.policy IS NULL THEN
-        BEGIN
-            UPDATE pgtasks.job j SET policy = queue_policy WHERE j.id = NEW.id;
-        EXCEPTION WHEN unique_violation THEN
-            RAISE EXCEPTION 'pgtasks: queue "%" has policy %: %', NEW.queue, queue_policy,
-                CASE queue_policy
-                    WHEN 'short' THEN 'a job with this key is already queued'
-                    WHEN 'exclusive' THEN 'a job with this key is already queued or running'
-                    ELSE 'a job with this key is already in that state' END
-                USING ERRCODE = 'unique_violation',
-                      HINT = 'pgtasks.send() and the HTTP API return the existing job instead.';
-        END;
-    END IF;
+    NEW.policy := nullif(queue_policy, 'standard');
     IF NEW.state IN ('created', 'retry') AND pgtasks.notify_enabled() THEN
         PERFORM pgtasks.notify_waiters(NEW.queue, NEW.run_at <= now(), NEW.run_at > now());
     END IF;
-    RETURN NULL;
+    RETURN NEW;
 END
 $fn$;
 
@@ -1193,11 +1185,10 @@ BEGIN
       FROM pgtasks.queue q WHERE q.policy = 'standard';
     EXECUTE format($sql$
         CREATE OR REPLACE TRIGGER job_inserted
-            AFTER INSERT ON pgtasks.job
+            BEFORE INSERT ON pgtasks.job
             FOR EACH ROW
             WHEN (NEW.queue <> ALL (%L::text[])
-                  OR (NEW.state IN ('created', 'retry')
-                      AND coalesce(current_setting('pgtasks.skip_notify', true), '') NOT IN ('on', 'true', '1')
+                  OR (coalesce(current_setting('pgtasks.skip_notify', true), '') NOT IN ('on', 'true', '1')
                       AND NOT pg_try_advisory_xact_lock_shared(
                               (hashtext('pgtasks.queue_waiter')::bigint << 32)
                               | (hashtext(NEW.queue)::bigint & 4294967295))))

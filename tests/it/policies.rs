@@ -73,14 +73,14 @@ async fn short_keeps_one_queued_job_per_key_from_sql_and_send() {
 
     let (first, duplicate) = send(&client, "short-q", None).await;
     assert!(!duplicate);
-    // A plain INSERT is refused with an error naming the policy...
+    // A plain INSERT is refused by the policy index, whose detail names the rule...
     let err = client
         .execute("INSERT INTO pgtasks.job (queue) VALUES ('short-q')", &[])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION));
-    let message = err.as_db_error().unwrap().message().to_string();
-    assert!(message.contains("policy short"), "{message}");
+    let detail = err.as_db_error().unwrap().detail().unwrap_or_default();
+    assert!(detail.contains("short: the queued job"), "{detail}");
     // ...send() answers with the queued job...
     assert_eq!(send(&client, "short-q", None).await, (first, true));
     // ...another key has a place of its own...
