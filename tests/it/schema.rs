@@ -83,10 +83,34 @@ async fn schema_sql_applies_twice_with_psql_and_second_run_changes_nothing() {
 async fn bad_rows_get_clear_sql_errors() {
     let db = TestDb::new().await;
     let client = db.client().await;
+    let insert_into = |queue: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .execute("INSERT INTO pgtasks.job (queue) VALUES ($1)", &[&queue])
+                .await
+        }
+    };
+    // The insert trigger knows the declared queues as they change (schema
+    // step 6 writes them into its WHEN clause): none yet, then one, then
+    // one gone.
+    let refused = insert_into("q").await.unwrap_err();
+    assert_eq!(refused.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
     client
-        .execute("INSERT INTO pgtasks.queue (name) VALUES ('q')", &[])
+        .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('q'), ('gone')")
         .await
         .unwrap();
+    insert_into("q").await.unwrap();
+    insert_into("gone").await.unwrap();
+    client
+        .batch_execute(
+            "DELETE FROM pgtasks.job WHERE queue = 'gone';
+             DELETE FROM pgtasks.queue WHERE name = 'gone';",
+        )
+        .await
+        .unwrap();
+    let refused = insert_into("gone").await.unwrap_err();
+    assert_eq!(refused.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
 
     let unknown = client
         .execute(
@@ -143,13 +167,14 @@ async fn bad_rows_get_clear_sql_errors() {
         .await
         .unwrap();
 
-    // Nothing was lost or half-written by the failures.
+    // Nothing was lost or half-written by the failures: the first 'q' job
+    // and the long-named queue's.
     let n: i64 = client
         .query_one("SELECT count(*) FROM pgtasks.job", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }
 
 /// A LISTEN connection that forwards (channel, payload) pairs.
