@@ -61,7 +61,7 @@ pub fn create_pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     build_pool(pg, config)
 }
 
-/// The workers' pool: claims, outcomes, progress and waiting records commit
+/// The workers' pool: claims, outcomes and progress commit
 /// with `synchronous_commit = off` (this session only). They still become
 /// visible at once; only a PostgreSQL crash can lose the last few hundred
 /// milliseconds of them, and each loss is safe under at-least-once: a lost

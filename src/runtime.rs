@@ -456,7 +456,7 @@ impl Running {
     }
 
     /// True when the listener is connected and every queue worker sleeps
-    /// with a settled waiting record: a job inserted now is notified.
+    /// armed: a job inserted now is notified.
     pub fn idle_and_listening(&self) -> bool {
         self.listener.is_connected() && self.stats.values().all(|s| s.waiting())
     }
