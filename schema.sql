@@ -1026,14 +1026,17 @@ $step$;
 --   refuses an unknown queue and stamps the policy of a queue that has one
 --   on the row (step 4's separate trigger for keyed rows goes).
 -- * A worker sleeps on the queue. A sleeping process holds the queue's
---   advisory lock (waiter_lock_key) exclusively, on its listener
---   connection; an insert tries it in shared mode. Taken, it is held to the
+--   advisory lock (waiter_lock_key) exclusively; an insert tries it in
+--   shared mode. Taken, it is held to the
 --   end of the insert's transaction, which is what lets a worker know that
---   nothing it might miss is in flight: its own exclusive try fails until
---   every such insert has committed, and then its last look sees them.
---   Refused, a worker sleeps: notify.
+--   nothing it might miss is in flight: its own exclusive request waits
+--   until every such insert has committed, and then its last look sees
+--   them (inserts meanwhile see the request waiting and notify). Refused,
+--   a worker sleeps or is about to: notify.
 --
--- Only one process can hold the lock; other processes' sleepers rely on it
+-- The lock is held on a connection each process keeps for it, so that it
+-- lasts as long as the sleep and ends with the process. Only one process
+-- can hold it; other processes' sleepers rely on it
 -- ("covered") and say so by holding a second lock (covered_lock_key)
 -- shared. A holder that wakes releases the queue's lock and, when some
 -- process relies on it, notifies the queue so that they wake and one of
@@ -1055,13 +1058,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
     SELECT (hashtext('pgtasks.covered')::bigint << 32) | (hashtext(queue)::bigint & 4294967295)
 $fn$;
 
--- For a process's listener connection, when its worker on `queue` is about
--- to sleep (`covered`: it relied on another process at its last call).
--- Returns 'holding' (this session holds the queue's lock: every later
--- insert notifies, and every earlier one has committed), 'covered' (another
--- process holds it; this session now relies on it) or 'unsettled' (inserts
--- that did not notify are still in flight: ask again shortly).
-CREATE FUNCTION pgtasks.sleep_on(queue text, covered boolean) RETURNS text
+-- For a process's sleep connection, when its worker on `queue` is about to
+-- sleep (`covered`: it relied on another process at its last call). Waits
+-- up to `wait` for the queue's lock: inserts that took it shared (they
+-- found nobody sleeping) must commit first, and meanwhile later inserts
+-- see the request and notify. Returns 'holding' (every later insert
+-- notifies, and every earlier one has committed), 'covered' (another
+-- process holds it; this session now relies on that one) or 'unsettled'
+-- (an insert is still in flight after `wait`: ask again shortly).
+CREATE FUNCTION pgtasks.sleep_on(queue text, covered boolean, wait interval) RETURNS text
 LANGUAGE plpgsql AS $fn$
 DECLARE
     waiter_key bigint := pgtasks.waiter_lock_key(sleep_on.queue);
@@ -1071,23 +1076,21 @@ BEGIN
     IF NOT covered THEN
         PERFORM pg_advisory_lock_shared(covered_key);
     END IF;
-    IF pg_try_advisory_lock(waiter_key) THEN
+    PERFORM set_config('lock_timeout', (extract(epoch FROM wait) * 1000)::bigint || 'ms', true);
+    BEGIN
+        PERFORM pg_advisory_lock(waiter_key);
         PERFORM pg_advisory_unlock_shared(covered_key);
         RETURN 'holding';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
-                WHERE l.locktype = 'advisory'
-                  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                     WHERE d.datname = current_database())
-                  AND l.classid = ((waiter_key >> 32) & 4294967295)::oid
-                  AND l.objid = (waiter_key & 4294967295)::oid
-                  AND l.objsubid = 1
-                  AND l.mode = 'ExclusiveLock' AND l.granted
-                  AND l.pid <> pg_backend_pid()) THEN
-        RETURN 'covered';
-    END IF;
-    PERFORM pg_advisory_unlock_shared(covered_key);
-    RETURN 'unsettled';
+    EXCEPTION WHEN lock_not_available THEN
+        -- Another process holds it (a shared try fails too), or an insert
+        -- that took it shared is still in flight (a shared try succeeds).
+        IF NOT pg_try_advisory_lock_shared(waiter_key) THEN
+            RETURN 'covered';
+        END IF;
+        PERFORM pg_advisory_unlock_shared(waiter_key);
+        PERFORM pg_advisory_unlock_shared(covered_key);
+        RETURN 'unsettled';
+    END;
 END
 $fn$;
 

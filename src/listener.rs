@@ -10,11 +10,14 @@
 //! `SELECT 1` with a deadline. The listener never opens a transaction (one
 //! left open would block the server's notification queue cleanup).
 //!
-//! Its session also carries the locks that make inserts notify a sleeping
-//! worker (schema step 6): a worker about to sleep asks through its
-//! [`Sleeper`], and the locks end with the session, so a process that dies
-//! or loses its connection never leaves a stale "someone sleeps" behind.
-//! After a reconnect the workers re-arm ([`Wakeups::wake_all`]).
+//! A second instance ([`Role::Sleep`]) keeps the connection that carries
+//! the locks making inserts notify a sleeping worker (schema step 6): a
+//! worker about to sleep asks through its [`Sleeper`], and the locks end
+//! with the session, so a process that dies or loses its connection never
+//! leaves a stale "someone sleeps" behind. After a reconnect the workers
+//! re-arm ([`Wakeups::wake_all`]). It is not the LISTEN connection: arming
+//! may wait for inserts in flight, and a session receives notifications
+//! only between its statements.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -80,6 +83,19 @@ impl Sleeper {
     }
 }
 
+/// What a connection of the listener's kind does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// LISTENs on every queue's channel and dispatches notifications.
+    Listen,
+    /// Holds the sleeping workers' locks.
+    Sleep,
+}
+
+/// How long arming waits for inserts in flight (they notify meanwhile)
+/// before answering "unsettled".
+const ARM_WAIT_MS: f64 = 10.0;
+
 /// What this session holds for sleeping workers, by queue (`Holding` or
 /// `Covered`), and its two prepared statements.
 struct SleepLocks {
@@ -134,20 +150,34 @@ pub struct Listener {
     wakeups: Wakeups,
     status: Arc<ListenerStatus>,
     requests: mpsc::UnboundedReceiver<SleepRequest>,
+    role: Role,
 }
 
 impl Listener {
-    pub fn new(
-        config: ListenerConfig,
-        wakeups: Wakeups,
-        status: Arc<ListenerStatus>,
-        requests: mpsc::UnboundedReceiver<SleepRequest>,
-    ) -> Self {
+    /// The LISTEN connection.
+    pub fn new(config: ListenerConfig, wakeups: Wakeups, status: Arc<ListenerStatus>) -> Self {
+        let (_, requests) = mpsc::unbounded_channel();
         Listener {
             config,
             wakeups,
             status,
             requests,
+            role: Role::Listen,
+        }
+    }
+
+    /// The sleep connection, serving `requests`.
+    pub fn sleeping(
+        config: ListenerConfig,
+        wakeups: Wakeups,
+        requests: mpsc::UnboundedReceiver<SleepRequest>,
+    ) -> Self {
+        Listener {
+            config,
+            wakeups,
+            status: Arc::default(),
+            requests,
+            role: Role::Sleep,
         }
     }
 
@@ -162,9 +192,11 @@ impl Listener {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("pgtasks_listener_reconnects_total").increment(1);
+                    if self.role == Role::Listen {
+                        metrics::counter!("pgtasks_listener_reconnects_total").increment(1);
+                    }
                     let delay = backoff(failures, self.config.reconnect_max_delay);
-                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "listener disconnected; reconnecting");
+                    warn!(role = ?self.role, %error, retry_in_ms = delay.as_millis() as u64, "listener disconnected; reconnecting");
                     let mut pause = pin!(tokio::time::sleep(delay));
                     loop {
                         tokio::select! {
@@ -208,15 +240,17 @@ impl Listener {
             connection.poll_message(cx)
         }));
 
-        let listen: String = self
-            .wakeups
-            .queues()
-            .map(channel_name)
-            .chain([CANCEL_CHANNEL.to_string(), DONE_CHANNEL.to_string()])
-            .map(|channel| format!("LISTEN {};", quote_ident(&channel)))
-            .collect();
-        self.drive(client.batch_execute(&listen), &mut messages)
-            .await??;
+        if self.role == Role::Listen {
+            let listen: String = self
+                .wakeups
+                .queues()
+                .map(channel_name)
+                .chain([CANCEL_CHANNEL.to_string(), DONE_CHANNEL.to_string()])
+                .map(|channel| format!("LISTEN {};", quote_ident(&channel)))
+                .collect();
+            self.drive(client.batch_execute(&listen), &mut messages)
+                .await??;
+        }
         let mut locks = SleepLocks {
             held: HashMap::new(),
             sleep_on: self
@@ -228,14 +262,17 @@ impl Listener {
         };
 
         self.status.connected.store(true, Ordering::Relaxed);
-        metrics::gauge!("pgtasks_listener_connected").set(1.0);
+        if self.role == Role::Listen {
+            metrics::gauge!("pgtasks_listener_connected").set(1.0);
+        }
         if *failures > 0 {
-            warn!(after_failures = *failures, "listener reconnected");
-        } else {
+            warn!(role = ?self.role, after_failures = *failures, "listener reconnected");
+        } else if self.role == Role::Listen {
             info!(queues = self.wakeups.queues().count(), "listening");
         }
         *failures = 0;
-        // Anything sent while we were not listening is lost: look everywhere.
+        // Anything sent while we were not listening is lost, and so are the
+        // locks of an earlier sleep session: look everywhere, and arm again.
         self.wakeups.wake_all();
 
         let mut check = tokio::time::interval(self.config.check_interval);
@@ -267,7 +304,9 @@ impl Listener {
                 }
             }
         };
-        metrics::gauge!("pgtasks_listener_connected").set(0.0);
+        if self.role == Role::Listen {
+            metrics::gauge!("pgtasks_listener_connected").set(0.0);
+        }
         result
     }
 
@@ -290,7 +329,7 @@ impl Listener {
                 }
                 let name: &str = &queue;
                 let covered = held == Some(SleepOn::Covered);
-                let params: [&(dyn ToSql + Sync); 2] = [&name, &covered];
+                let params: [&(dyn ToSql + Sync); 3] = [&name, &covered, &ARM_WAIT_MS];
                 let asked = client.query_one(&locks.sleep_on, &params);
                 let answer = match self.drive(asked, messages).await? {
                     Ok(row) => SleepOn::from_sql(row.get(0)),

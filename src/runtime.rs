@@ -205,16 +205,25 @@ impl Runtime {
                     config.database.connect_timeout,
                     "pgtasks-listener",
                 )?;
-                let listener = Listener::new(
-                    ListenerConfig {
-                        pg,
-                        check_interval: config.worker.listener_check_interval,
-                        reconnect_max_delay: config.worker.reconnect_max_delay,
-                    },
-                    wakeups.clone(),
-                    status.clone(),
-                    sleep_requests,
-                );
+                let listener_config = ListenerConfig {
+                    pg,
+                    check_interval: config.worker.listener_check_interval,
+                    reconnect_max_delay: config.worker.reconnect_max_delay,
+                };
+                if !handlers.is_empty() {
+                    let mut pg = listener_config.pg.clone();
+                    pg.application_name("pgtasks-sleeper");
+                    let sleeping = Listener::sleeping(
+                        ListenerConfig {
+                            pg,
+                            ..listener_config.clone()
+                        },
+                        wakeups.clone(),
+                        sleep_requests,
+                    );
+                    tasks.spawn(sleeping.run(shutdown.clone()));
+                }
+                let listener = Listener::new(listener_config, wakeups.clone(), status.clone());
                 tasks.spawn(listener.run(shutdown.clone()));
             } else {
                 info!(

@@ -344,8 +344,9 @@ pub async fn claim_jobs(
 }
 
 /// Where a worker about to sleep stands, from `pgtasks.sleep_on` (schema
-/// step 6). The listener's connection runs it and [`WAKE_FROM`], because
-/// the session locks they take must last as long as the sleep.
+/// step 6). A connection of their own runs it and [`WAKE_FROM`] (the
+/// listener's `Role::Sleep`), because the session locks they take must last
+/// as long as the sleep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SleepOn {
     /// This session holds the queue's lock: every later insert notifies,
@@ -367,8 +368,9 @@ impl SleepOn {
     }
 }
 
-/// `$2`: this session relied on another process at its last call.
-pub const SLEEP_ON: &str = "SELECT pgtasks.sleep_on($1, $2)";
+/// `$2`: this session relied on another process at its last call; `$3`:
+/// milliseconds to wait for inserts in flight.
+pub const SLEEP_ON: &str = "SELECT pgtasks.sleep_on($1, $2, $3 * interval '1 millisecond')";
 
 /// Undoes `sleep_on`'s holding (`$2` true) or relying (false).
 pub const WAKE_FROM: &str = "SELECT pgtasks.wake_from($1, $2)";

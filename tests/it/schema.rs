@@ -236,7 +236,7 @@ async fn trigger_notifies_once_per_queue_per_statement() {
         .batch_execute("INSERT INTO pgtasks.queue (name) VALUES ('a'), ('b'), ('c')")
         .await
         .unwrap();
-    // A sleeping worker on each queue, as a listener's session arms them.
+    // A sleeping worker on each queue, as a sleep connection arms them.
     let sleeper = db.client().await;
     for queue in ["a", "b", "c"] {
         assert_eq!(sleep_on(&sleeper, queue, false).await, "holding");
@@ -308,10 +308,13 @@ async fn trigger_notifies_once_per_queue_per_statement() {
     );
 }
 
-/// `pgtasks.sleep_on` as a listener's session runs it.
+/// `pgtasks.sleep_on` as a process's sleep connection runs it.
 async fn sleep_on(session: &tokio_postgres::Client, queue: &str, covered: bool) -> String {
     session
-        .query_one("SELECT pgtasks.sleep_on($1, $2)", &[&queue, &covered])
+        .query_one(
+            "SELECT pgtasks.sleep_on($1, $2, interval '10 milliseconds')",
+            &[&queue, &covered],
+        )
         .await
         .unwrap()
         .get(0)
