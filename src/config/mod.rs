@@ -111,8 +111,9 @@ pub struct DatabaseConfig {
     /// `postgres://postgres@127.0.0.1:5432/postgres`.
     #[serde(deserialize_with = "lenient::string")]
     pub url: String,
-    /// A separate URL for the LISTEN connection, for deployments where `url`
-    /// points at PgBouncer in transaction mode. Default: `url`.
+    /// A separate URL for the LISTEN and sleep connections (both need a
+    /// session of their own), for deployments where `url` points at
+    /// PgBouncer in transaction mode. Default: `url`.
     #[serde(deserialize_with = "lenient::optional_string")]
     pub listener_url: Option<String>,
     /// Pooled connections for claims, acks, submits and the API. Default 10.
