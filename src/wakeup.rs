@@ -22,8 +22,8 @@ pub struct QueueWakeup {
     schedule_changed: AtomicBool,
     /// Notifications received for this queue (before folding).
     notifications: AtomicU64,
-    /// Set when the listener (re)connected: any sleep locks the worker
-    /// held went with the old session.
+    /// Set when the listener or the sleep connection (re)connected: any
+    /// sleep locks the worker held went with an old session.
     sleep_lost: AtomicBool,
 }
 
@@ -221,9 +221,9 @@ impl Wakeups {
         self.queues.keys().map(String::as_str)
     }
 
-    /// After the listener (re)connects: notifications sent while it was away
-    /// are gone, so every queue looks again, timers included, and arms again
-    /// on the new session.
+    /// After the listener or the sleep connection (re)connects: notifications
+    /// sent meanwhile are gone, and so are locks held before, so every queue
+    /// looks again, timers included, and arms again.
     pub fn wake_all(&self) {
         for wakeup in self.queues.values() {
             wakeup.sleep_lost.store(true, Ordering::Relaxed);

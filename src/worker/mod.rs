@@ -2,8 +2,8 @@
 //! runs each in its own task, bounded by the queue's concurrency; the
 //! [`completer`] writes their outcomes.
 //!
-//! Before sleeping with nothing to claim, the worker asks the listener to
-//! arm its queue (schema step 6: inserts notify only while a process holds
+//! Before sleeping with nothing to claim, the worker asks its process's
+//! sleep connection to arm its queue (schema step 6: inserts notify only while a process holds
 //! the queue's lock, and its own look at the queue after taking it sees
 //! every insert that did not), and claims once more. It then sleeps until a
 //! wakeup from the listener (or the completer), the slow poll, its timer for
@@ -96,8 +96,9 @@ pub struct QueueWorker {
     /// Fires when shutdown's grace period is over.
     pub abort: CancellationToken,
     pub running: RunningJobs,
-    /// The line to the listener, whose session holds the queue's sleep
-    /// locks; `None` in poll-only mode, where notifications are never needed.
+    /// The line to the sleep connection, whose session holds the queue's
+    /// sleep locks; `None` in poll-only mode, where notifications are never
+    /// needed.
     pub sleeper: Option<Sleeper>,
     /// The queue's policy lets a claim take only one job (singleton, stately).
     pub one_per_claim: bool,
@@ -175,7 +176,7 @@ impl QueueWorker {
             }
             debug!(queue = %self.queue, ?reason, "worker awake");
             if self.wakeup.take_sleep_lost() {
-                // The listener's session, and the locks it held, are new.
+                // A new sleep session: locks held before went with the old.
                 waiting = Waiting::No;
             }
             // Arming again after an unsettled answer also claims: inserts
@@ -378,7 +379,7 @@ impl QueueWorker {
         }
     }
 
-    /// Before sleeping with nothing to claim: asks the listener to arm the
+    /// Before sleeping with nothing to claim: asks the sleep connection to arm the
     /// queue, so that inserts wake this worker. Returns where it stands.
     async fn arm(&self, sleeper: &Sleeper, waiting: Waiting) -> Waiting {
         match sleeper.sleep_on(&self.queue).await {
@@ -392,7 +393,7 @@ impl QueueWorker {
                 })
             }
             None => {
-                debug!(queue = %self.queue, "listener not connected: sleeping on the poll");
+                debug!(queue = %self.queue, "sleep connection down: sleeping on the poll");
                 Waiting::No
             }
         }
