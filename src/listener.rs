@@ -15,7 +15,7 @@
 //! worker about to sleep asks through its [`Sleeper`], and the locks end
 //! with the session, so a process that dies or loses its connection never
 //! leaves a stale "someone sleeps" behind. After a reconnect the workers
-//! re-arm ([`Wakeups::wake_all`]). It is not the LISTEN connection: arming
+//! re-arm ([`Wakeups::rearm_all`]). It is not the LISTEN connection: arming
 //! may wait for inserts in flight, and a session receives notifications
 //! only between its statements.
 
@@ -40,7 +40,7 @@ use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL, DONE_CHANNEL};
 #[derive(Debug)]
 pub enum SleepRequest {
     /// About to sleep: hold the queue's lock, or rely on the process that
-    /// does. `None` in reply: the listener is not connected.
+    /// does. `None` in reply: the sleep connection is down.
     Arm {
         queue: Arc<str>,
         reply: oneshot::Sender<Option<SleepOn>>,
@@ -49,22 +49,22 @@ pub enum SleepRequest {
     Wake { queue: Arc<str> },
 }
 
-/// A queue worker's line to the listener. Cheap to clone.
+/// A queue worker's line to the sleep connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sleeper {
     requests: mpsc::UnboundedSender<SleepRequest>,
 }
 
 impl Sleeper {
-    /// The workers' end and the listener's.
+    /// The workers' end and the sleep connection's.
     pub fn channel() -> (Sleeper, mpsc::UnboundedReceiver<SleepRequest>) {
         let (requests, incoming) = mpsc::unbounded_channel();
         (Sleeper { requests }, incoming)
     }
 
-    /// Where the worker stands before it sleeps; `None` while the listener
-    /// is not connected (the worker then learns of new jobs by its poll,
-    /// until the listener is back and wakes every queue).
+    /// Where the worker stands before it sleeps; `None` while the sleep
+    /// connection is down (the worker then learns of new jobs by its poll,
+    /// until that connection is back and wakes every queue to arm again).
     pub async fn sleep_on(&self, queue: &Arc<str>) -> Option<SleepOn> {
         let (reply, answer) = oneshot::channel();
         let request = SleepRequest::Arm {
@@ -251,14 +251,19 @@ impl Listener {
             self.drive(client.batch_execute(&listen), &mut messages)
                 .await??;
         }
-        let mut locks = SleepLocks {
-            held: HashMap::new(),
-            sleep_on: self
-                .drive(client.prepare(SLEEP_ON), &mut messages)
-                .await??,
-            wake_from: self
-                .drive(client.prepare(WAKE_FROM), &mut messages)
-                .await??,
+        // Only the sleep connection serves requests (the LISTEN one's
+        // channel has no sender).
+        let mut locks = match self.role {
+            Role::Listen => None,
+            Role::Sleep => Some(SleepLocks {
+                held: HashMap::new(),
+                sleep_on: self
+                    .drive(client.prepare(SLEEP_ON), &mut messages)
+                    .await??,
+                wake_from: self
+                    .drive(client.prepare(WAKE_FROM), &mut messages)
+                    .await??,
+            }),
         };
 
         self.status.connected.store(true, Ordering::Relaxed);
@@ -271,9 +276,12 @@ impl Listener {
             info!(queues = self.wakeups.queues().count(), "listening");
         }
         *failures = 0;
-        // Anything sent while we were not listening is lost, and so are the
-        // locks of an earlier sleep session: look everywhere, and arm again.
-        self.wakeups.wake_all();
+        match self.role {
+            // Anything sent while we were not listening is lost: look everywhere.
+            Role::Listen => self.wakeups.wake_all(),
+            // The locks of an earlier session are gone: arm again.
+            Role::Sleep => self.wakeups.rearm_all(),
+        }
 
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -281,14 +289,17 @@ impl Listener {
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.let_go_of_all(&client, &mut locks, &mut messages).await;
+                    if let Some(locks) = locks.as_mut() {
+                        self.let_go_of_all(&client, locks, &mut messages).await;
+                    }
                     break Ok(());
                 }
                 message = messages.next() => {
                     if let Err(e) = self.dispatch(message) { break Err(e) }
                 }
-                Some(request) = self.requests.recv() => {
-                    if let Err(e) = self.serve(request, &client, &mut locks, &mut messages).await {
+                Some(request) = self.requests.recv(), if locks.is_some() => {
+                    let Some(locks) = locks.as_mut() else { continue };
+                    if let Err(e) = self.serve(request, &client, locks, &mut messages).await {
                         break Err(e);
                     }
                 }

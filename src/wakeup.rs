@@ -22,8 +22,8 @@ pub struct QueueWakeup {
     schedule_changed: AtomicBool,
     /// Notifications received for this queue (before folding).
     notifications: AtomicU64,
-    /// Set when the listener or the sleep connection (re)connected: any
-    /// sleep locks the worker held went with an old session.
+    /// Set when the sleep connection (re)connected: any sleep locks the
+    /// worker held went with the old session.
     sleep_lost: AtomicBool,
 }
 
@@ -221,13 +221,20 @@ impl Wakeups {
         self.queues.keys().map(String::as_str)
     }
 
-    /// After the listener or the sleep connection (re)connects: notifications
-    /// sent meanwhile are gone, and so are locks held before, so every queue
-    /// looks again, timers included, and arms again.
+    /// After the listener (re)connects: notifications sent while it was away
+    /// are gone, so every queue looks again, timers included.
     pub fn wake_all(&self) {
         for wakeup in self.queues.values() {
-            wakeup.sleep_lost.store(true, Ordering::Relaxed);
             wakeup.schedule_changed();
+        }
+    }
+
+    /// After the sleep connection (re)connects: the locks of its earlier
+    /// session are gone, so every queue's worker arms again.
+    pub fn rearm_all(&self) {
+        for wakeup in self.queues.values() {
+            wakeup.sleep_lost.store(true, Ordering::Relaxed);
+            wakeup.wake();
         }
     }
 }

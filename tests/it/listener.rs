@@ -1,4 +1,5 @@
-//! The listener's reconnect, and running without it.
+//! The listener's and the sleep connection's reconnects, and running
+//! without a listener.
 
 use std::time::Duration;
 
@@ -41,6 +42,66 @@ async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
     insert_jobs(&client, "readme-queue", 1).await;
     wait_for_state(&client, "completed", 2, SECS_10).await;
     assert_eq!(recorder.total(), 2);
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// The sleep connection's session carries the sleeping worker's lock; when
+/// it is lost, the reconnect must make the worker take the lock again, or
+/// inserts would stop notifying until the poll (a minute here).
+#[tokio::test]
+async fn sleep_connection_reconnects_and_the_worker_arms_again() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let client = db.client().await;
+    let sleeper_locks = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                  WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted
+                    AND a.application_name = 'pgtasks-sleeper'
+                    AND a.datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(
+        sleeper_locks().await,
+        1,
+        "the idle worker holds its queue's lock"
+    );
+    let sleeper_pid: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity
+              WHERE application_name = 'pgtasks-sleeper' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&sleeper_pid])
+        .await
+        .unwrap();
+    wait_for("the lock on a new sleep session", SECS_10, || async {
+        let pid: Option<i32> = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE application_name = 'pgtasks-sleeper' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        (pid.is_some_and(|pid| pid != sleeper_pid) && sleeper_locks().await == 1).then_some(())
+    })
+    .await;
+    insert_jobs(&client, "readme-queue", 1).await;
+    wait_for_state(&client, "completed", 1, SECS_10).await;
+    assert_eq!(recorder.total(), 1);
     shutdown.cancel();
     running.stopped().await;
 }
