@@ -1165,11 +1165,19 @@ BEGIN
 END
 $fn$;
 
--- The standard queues job_inserted's WHEN clause lists.
+-- The standard queues job_inserted's WHEN clause lists (pg_trigger has
+-- them too, as the trigger's arguments, but only as bytes).
 CREATE TABLE pgtasks.insert_trigger_state (
     one             boolean PRIMARY KEY DEFAULT true CHECK (one),
     standard_queues text[]  NOT NULL
 );
+
+-- The standard queues, sorted, as job_inserted's WHEN clause lists them.
+CREATE FUNCTION pgtasks.standard_queues() RETURNS text[]
+LANGUAGE sql STABLE AS $fn$
+    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') FROM pgtasks.queue q
+     WHERE q.policy = 'standard'
+$fn$;
 
 -- (Re)creates job_inserted with the current standard queues in its WHEN
 -- clause and arguments, when they changed. Written out, not a function
@@ -1184,15 +1192,13 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgtasks AS $fn$
 DECLARE
     standard text[];
 BEGIN
-    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') INTO standard
-      FROM pgtasks.queue q WHERE q.policy = 'standard';
-    IF standard IS NOT DISTINCT FROM (SELECT s.standard_queues FROM pgtasks.insert_trigger_state s) THEN
+    IF pgtasks.standard_queues() IS NOT DISTINCT FROM
+       (SELECT s.standard_queues FROM pgtasks.insert_trigger_state s) THEN
         RETURN;
     END IF;
     LOCK TABLE pgtasks.job IN SHARE ROW EXCLUSIVE MODE;
-    -- Read again, after any transaction that changed queues before the lock.
-    SELECT coalesce(array_agg(q.name ORDER BY q.name), '{}') INTO standard
-      FROM pgtasks.queue q WHERE q.policy = 'standard';
+    -- Read after the lock: after any transaction that changed queues before it.
+    standard := pgtasks.standard_queues();
     EXECUTE format($sql$
         CREATE OR REPLACE TRIGGER job_inserted
             BEFORE INSERT ON pgtasks.job
