@@ -1,14 +1,11 @@
 //! schema.sql: idempotent application, clear errors, notifications.
 
 use std::process::Command;
-use std::time::Duration;
 
-use futures::StreamExt;
-use tokio::sync::mpsc;
+use pgtasks::store::{SLEEP_ON, WAKE_FROM};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::support::{wait_for, TestDb, SECS_10};
+use crate::support::{drain_until_sentinel, listen, wait_for, TestDb, SECS_10};
 
 fn psql_file(url: &str) -> std::process::Output {
     Command::new("psql")
@@ -112,13 +109,7 @@ async fn bad_rows_get_clear_sql_errors() {
     let refused = insert_into("gone").await.unwrap_err();
     assert_eq!(refused.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
 
-    let unknown = client
-        .execute(
-            "INSERT INTO pgtasks.job (queue, data) VALUES ('nope', '{}')",
-            &[],
-        )
-        .await
-        .unwrap_err();
+    let unknown = insert_into("nope").await.unwrap_err();
     let e = unknown.as_db_error().unwrap();
     assert_eq!(e.code(), &SqlState::FOREIGN_KEY_VIOLATION);
     assert_eq!(e.message(), "pgtasks: unknown queue \"nope\"");
@@ -175,57 +166,6 @@ async fn bad_rows_get_clear_sql_errors() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2);
-}
-
-/// A LISTEN connection that forwards (channel, payload) pairs.
-async fn listen(
-    url: &str,
-    channels: &[&str],
-) -> (
-    tokio_postgres::Client,
-    mpsc::UnboundedReceiver<(String, String)>,
-) {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
-            }
-        }
-    });
-    for channel in channels {
-        client
-            .batch_execute(&format!("LISTEN \"{channel}\""))
-            .await
-            .unwrap();
-    }
-    (client, rx)
-}
-
-/// Everything sent before the sentinel (committed later by the same test)
-/// has arrived once the sentinel does: notifications are delivered in commit
-/// order.
-async fn drain_until_sentinel(
-    sender: &tokio_postgres::Client,
-    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
-) -> Vec<(String, String)> {
-    sender
-        .execute("SELECT pg_notify('sentinel', 'end')", &[])
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    loop {
-        let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("sentinel notification")
-            .expect("listener alive");
-        if item.0 == "sentinel" {
-            return got;
-        }
-        got.push(item);
-    }
 }
 
 #[tokio::test]
@@ -308,13 +248,11 @@ async fn trigger_notifies_once_per_queue_per_statement() {
     );
 }
 
-/// `pgtasks.sleep_on` as a process's sleep connection runs it.
+/// `pgtasks.sleep_on` as a process's sleep connection runs it (waiting up
+/// to 10 ms for inserts in flight).
 async fn sleep_on(session: &tokio_postgres::Client, queue: &str, covered: bool) -> String {
     session
-        .query_one(
-            "SELECT pgtasks.sleep_on($1, $2, interval '10 milliseconds')",
-            &[&queue, &covered],
-        )
+        .query_one(SLEEP_ON, &[&queue, &covered, &10.0f64])
         .await
         .unwrap()
         .get(0)
@@ -322,7 +260,7 @@ async fn sleep_on(session: &tokio_postgres::Client, queue: &str, covered: bool) 
 
 async fn wake_from(session: &tokio_postgres::Client, queue: &str, holding: bool) {
     session
-        .execute("SELECT pgtasks.wake_from($1, $2)", &[&queue, &holding])
+        .execute(WAKE_FROM, &[&queue, &holding])
         .await
         .unwrap();
 }
@@ -405,11 +343,17 @@ async fn arming_settles_only_after_inserts_in_flight_commit() {
     // ...and once the insert commits, it does.
     tx.commit().await.unwrap();
     assert_eq!(sleep_on(&client, "a", false).await, "holding");
-    // An unsettled answer left nothing behind: one letting go of each
-    // queue, and another session can hold both.
+    // An unsettled answer left nothing behind: once this session lets go,
+    // another can hold both queues...
     wake_from(&client, "a", true).await;
     wake_from(&client, "b", true).await;
     let other = db.client().await;
     assert_eq!(sleep_on(&other, "a", false).await, "holding");
     assert_eq!(sleep_on(&other, "b", false).await, "holding");
+    // ...and letting go is silent: this session does not still rely on a
+    // holder (a holder that others rely on notifies when it lets go).
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks.a", "pgtasks.b", "sentinel"]).await;
+    wake_from(&other, "a", true).await;
+    wake_from(&other, "b", true).await;
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 }

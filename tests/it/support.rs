@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use pgtasks::config::Config;
 use pgtasks::{HandlerResult, Job, JobContext, Running, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 /// The server tests connect to; every database they make is on it.
@@ -307,4 +309,55 @@ pub async fn start_recording_with(
         listening(&running).await;
     }
     (running, shutdown)
+}
+
+/// A LISTEN connection that forwards (channel, payload) pairs.
+pub async fn listen(
+    url: &str,
+    channels: &[&str],
+) -> (
+    tokio_postgres::Client,
+    mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    for channel in channels {
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .unwrap();
+    }
+    (client, rx)
+}
+
+/// Everything sent before the sentinel (committed later by the same test)
+/// has arrived once the sentinel does: notifications are delivered in commit
+/// order.
+pub async fn drain_until_sentinel(
+    sender: &tokio_postgres::Client,
+    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
+) -> Vec<(String, String)> {
+    sender
+        .execute("SELECT pg_notify('sentinel', 'end')", &[])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("sentinel notification")
+            .expect("listener alive");
+        if item.0 == "sentinel" {
+            return got;
+        }
+        got.push(item);
+    }
 }

@@ -12,7 +12,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{insert_job, listening, start_recording, wait_for, Recorder, TestDb, SECS_10};
+use crate::support::{
+    drain_until_sentinel, insert_job, listen, listening, start_recording, wait_for, Recorder,
+    TestDb, SECS_10,
+};
 
 /// Inserters each submit a job, wait for it to start, and submit the next
 /// at once, so inserts keep landing while the worker finishes a claim and
@@ -144,17 +147,18 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
     running.stopped().await;
 }
 
-/// Two processes on one queue: one holds the queue's lock, the other relies
-/// on it and hears every notification too. When one stops, the other holds
-/// the lock itself. The test config's poll is a minute: a job that waits
-/// for it fails its deadline.
+/// Two processes on one queue: the first to sleep holds the queue's lock,
+/// the second relies on it. When the holder stops, it notifies the queue so
+/// that the other takes the lock over at once (not at its next check, a
+/// second later): the notification is asserted. Then jobs run promptly with
+/// the one left, and with two sharing the queue again. The test config's
+/// poll is a minute: a job that waits for it fails its deadline.
 #[tokio::test]
 async fn two_processes_share_a_queue_and_one_takes_over_when_the_other_stops() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let (first, stop_first) = start_recording(&db, &recorder).await;
-    let (second, stop_second) = start_recording(&db, &recorder).await;
     let client = db.client().await;
+    let asleep = |r: &pgtasks::Running| r.stats("readme-queue").unwrap().waiting();
     let run_one = |round: usize| {
         let (client, recorder) = (&client, recorder.clone());
         async move {
@@ -167,28 +171,38 @@ async fn two_processes_share_a_queue_and_one_takes_over_when_the_other_stops() {
             .await;
         }
     };
-    let both_asleep = || async {
-        let asleep = |r: &pgtasks::Running| r.stats("readme-queue").unwrap().waiting();
-        (asleep(&first) && asleep(&second)).then_some(())
-    };
-    for round in 0..20 {
-        wait_for("both workers asleep and armed", SECS_10, both_asleep).await;
-        run_one(round).await;
-    }
+
+    // The first is asleep (holding) before the second starts (relying).
+    let (first, stop_first) = start_recording(&db, &recorder).await;
+    let (second, stop_second) = start_recording(&db, &recorder).await;
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks.readme-queue", "sentinel"]).await;
     stop_first.cancel();
     first.stopped().await;
-    for round in 20..40 {
+    assert_eq!(
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks.readme-queue".to_string(), String::new())],
+        "the stopping holder wakes the process relying on it"
+    );
+    for round in 0..20 {
         wait_for("the second worker asleep and armed", SECS_10, || async {
-            second
-                .stats("readme-queue")
-                .unwrap()
-                .waiting()
-                .then_some(())
+            asleep(&second).then_some(())
+        })
+        .await;
+        run_one(round).await;
+    }
+
+    // Two sharing the queue again.
+    let (third, stop_third) = start_recording(&db, &recorder).await;
+    for round in 20..40 {
+        wait_for("both workers asleep and armed", SECS_10, || async {
+            (asleep(&second) && asleep(&third)).then_some(())
         })
         .await;
         run_one(round).await;
     }
     assert_eq!(recorder.runs().len(), 40);
     stop_second.cancel();
+    stop_third.cancel();
     second.stopped().await;
+    third.stopped().await;
 }
