@@ -1,8 +1,9 @@
 //! pgtasks: a PostgreSQL job queue service.
 //!
 //! Jobs are rows in `pgtasks.job`. Other services submit them over HTTP or
-//! with a plain SQL `INSERT`; an insert trigger sends one `NOTIFY` per queue
-//! per statement; one dedicated listener connection turns notifications into
+//! with a plain SQL `INSERT`; an insert trigger sends a `NOTIFY` (one per
+//! queue per transaction) only while a worker sleeps on the queue; one
+//! dedicated listener connection turns notifications into
 //! per-queue wakeups; each queue's worker claims due jobs with
 //! `FOR UPDATE SKIP LOCKED` and runs them under a lease; the completer writes
 //! outcomes in batches; maintenance rescues jobs whose worker died.

@@ -5,7 +5,8 @@
 //!   `pgtasks.job`, then the same into `bench_job_plain`, a copy of the table
 //!   (`LIKE pgtasks.job INCLUDING ALL`: columns, defaults, identity,
 //!   constraints, indexes) without triggers. The ratio is the cost of the
-//!   `job_inserted` statement trigger: the unknown-queue check and the NOTIFY.
+//!   `job_inserted` row trigger's WHEN clause (the queue list and the
+//!   sleeping-worker lock; no worker runs, so it never calls its function).
 //! - Batch: one client, `pgtasks::store::insert_jobs` (one `INSERT … SELECT
 //!   FROM unnest(arrays)` statement) per chunk of `chunk` jobs; the median of
 //!   `ROUNDS` rounds of `batch_n` jobs.
@@ -119,7 +120,7 @@ async fn measure(report: &mut Report, db: &Scratch, spec: &EnqueueSpec) -> anyho
             "with_trigger_jobs_per_s": with_rate.round(),
             "without_trigger_jobs_per_s": plain_rate.round(),
             "ratio_with_over_without": (ratio * 1000.0).round() / 1000.0,
-            "trigger": "job_inserted: unknown-queue check + one pg_notify per queue per statement",
+            "trigger": "job_inserted (schema step 6): BEFORE row trigger; WHEN = standard-queue list + shared try of the queue's sleep lock",
         }),
     );
     report.note(format!(
