@@ -73,21 +73,8 @@ async fn sleep_connection_reconnects_and_the_worker_arms_again() {
         1,
         "the idle worker holds its queue's lock"
     );
-    let sleeper_pid: i32 = client
-        .query_one(
-            "SELECT pid FROM pg_stat_activity
-              WHERE application_name = 'pgtasks-sleeper' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    client
-        .execute("SELECT pg_terminate_backend($1)", &[&sleeper_pid])
-        .await
-        .unwrap();
-    wait_for("the lock on a new sleep session", SECS_10, || async {
-        let pid: Option<i32> = client
+    let sleeper_pid = || async {
+        client
             .query_opt(
                 "SELECT pid FROM pg_stat_activity
                   WHERE application_name = 'pgtasks-sleeper' AND datname = current_database()",
@@ -95,8 +82,16 @@ async fn sleep_connection_reconnects_and_the_worker_arms_again() {
             )
             .await
             .unwrap()
-            .map(|row| row.get(0));
-        (pid.is_some_and(|pid| pid != sleeper_pid) && sleeper_locks().await == 1).then_some(())
+            .map(|row| row.get::<_, i32>(0))
+    };
+    let killed = sleeper_pid().await.expect("a sleep connection");
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&killed])
+        .await
+        .unwrap();
+    wait_for("the lock on a new sleep session", SECS_10, || async {
+        let replaced = sleeper_pid().await.is_some_and(|pid| pid != killed);
+        (replaced && sleeper_locks().await == 1).then_some(())
     })
     .await;
     insert_jobs(&client, "readme-queue", 1).await;
