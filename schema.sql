@@ -1027,18 +1027,17 @@ $step$;
 --   on the row (step 4's separate trigger for keyed rows goes).
 -- * A worker sleeps on the queue. A sleeping process holds the queue's
 --   advisory lock (waiter_lock_key) exclusively; an insert tries it in
---   shared mode. Taken, it is held to the
---   end of the insert's transaction, which is what lets a worker know that
---   nothing it might miss is in flight: its own exclusive request waits
---   until every such insert has committed, and then its last look sees
---   them (inserts meanwhile see the request waiting and notify). Refused,
---   a worker sleeps or is about to: notify.
+--   shared mode. Taken, it is held to the end of the insert's transaction,
+--   which is what lets a worker know that nothing it might miss is in
+--   flight: its own exclusive request waits until every such insert has
+--   committed, and then its last look sees them (inserts meanwhile see the
+--   request waiting and notify). Refused, a worker sleeps or is about to:
+--   notify.
 --
 -- The lock is held on a connection each process keeps for it, so that it
 -- lasts as long as the sleep and ends with the process. Only one process
--- can hold it; other processes' sleepers rely on it
--- ("covered") and say so by holding a second lock (covered_lock_key)
--- shared. A holder that wakes releases the queue's lock and, when some
+-- can hold it; other processes' sleepers rely on it ("covered") and say so
+-- by holding a second lock (covered_lock_key) shared. A holder that wakes releases the queue's lock and, when some
 -- process relies on it, notifies the queue so that they wake and one of
 -- them takes over. (A holder that crashes tells nobody: the others notice
 -- within a second, when they check again.)
