@@ -1232,4 +1232,74 @@ INSERT INTO pgtasks.schema_version (version) VALUES (6);
 END
 $step$;
 
+-- Step 7: finished jobs are announced only while some process awaits one.
+--
+-- notify_done() sent every batch of finished ids on 'pgtasks:done', which
+-- only `GET /api/jobs/{id}?wait=` requests read; with nobody waiting, a
+-- drain of no-op jobs spent a tenth of its time on it (8-12% more jobs/s
+-- without). Now a process holds the done-waiter lock shared (on its sleep
+-- connection) while any of its requests waits, and a statement that
+-- finishes jobs notifies only when it cannot take that lock exclusively.
+-- Taken, the lock lasts to the end of that transaction, so a process about
+-- to wait first waits for it: its first look at the job, after the lock,
+-- sees every finish that did not notify. (Two finishing statements at once:
+-- the second cannot take it either, and notifies. Harmless.)
+--
+-- A process of the previous release does not take the lock: during an
+-- upgrade its waiting requests may learn of a finish by their once-a-second
+-- re-read instead.
+DO $step$
+BEGIN
+IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 7) THEN
+    RETURN;
+END IF;
+
+CREATE FUNCTION pgtasks.done_waiter_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT hashtext('pgtasks.done_waiter')::bigint << 32
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgtasks.notify_done(ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    n integer := coalesce(cardinality(ids), 0);
+    i integer := 1;
+BEGIN
+    IF n = 0 OR pg_try_advisory_xact_lock(pgtasks.done_waiter_lock_key()) THEN
+        RETURN 0;
+    END IF;
+    -- Plain expressions only (a SQL function would be planned on every call).
+    WHILE i <= n LOOP
+        PERFORM pg_notify('pgtasks:done', array_to_string(ids[i:i + 299], ','));
+        i := i + 300;
+    END LOOP;
+    RETURN (n + 299) / 300;
+END
+$fn$;
+
+-- For a process's sleep connection, when the first of its requests starts
+-- waiting for a job to finish: holds the done-waiter lock (shared, for the
+-- session) once statements finishing jobs without notifying have ended.
+-- False when that took longer than `wait` (the lock is not held).
+CREATE FUNCTION pgtasks.await_done(wait interval) RETURNS boolean
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM set_config('lock_timeout', (extract(epoch FROM wait) * 1000)::bigint || 'ms', true);
+    PERFORM pg_advisory_lock_shared(pgtasks.done_waiter_lock_key());
+    RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
+END
+$fn$;
+
+-- When the last of them is answered.
+CREATE FUNCTION pgtasks.done_awaited() RETURNS void
+LANGUAGE sql AS $fn$
+    SELECT pg_advisory_unlock_shared(pgtasks.done_waiter_lock_key())
+$fn$;
+
+INSERT INTO pgtasks.schema_version (version) VALUES (7);
+END
+$step$;
+
 COMMIT;

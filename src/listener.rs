@@ -33,7 +33,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{SleepOn, SLEEP_ON, WAKE_FROM};
+use crate::store::{SleepOn, AWAIT_DONE, DONE_AWAITED, SLEEP_ON, WAKE_FROM};
 use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL, DONE_CHANNEL};
 
 /// A queue worker's request about its sleeping locks.
@@ -47,6 +47,12 @@ pub enum SleepRequest {
     },
     /// Awake (busy): let go, so inserts stop notifying this process.
     Wake { queue: Arc<str> },
+    /// An API request starts waiting for a job to finish: make sure
+    /// finishing statements notify (schema step 7). The reply says whether
+    /// the done-waiter lock is held.
+    AwaitDone { reply: oneshot::Sender<bool> },
+    /// That request is answered.
+    DoneAwaited,
 }
 
 /// A queue worker's line to the sleep connection. Cheap to clone.
@@ -81,6 +87,39 @@ impl Sleeper {
             queue: queue.clone(),
         });
     }
+
+    /// Before a request first reads the job it waits for: from now on,
+    /// statements that finish jobs notify `pgtasks:done` (false: they may
+    /// not; the request then learns by re-reading). Until the returned
+    /// guard is dropped.
+    pub async fn await_done(&self) -> (AwaitingDone, bool) {
+        let guard = AwaitingDone {
+            requests: self.requests.clone(),
+        };
+        let (reply, answer) = oneshot::channel();
+        if self
+            .requests
+            .send(SleepRequest::AwaitDone { reply })
+            .is_err()
+        {
+            return (guard, false);
+        }
+        let held = answer.await.unwrap_or(false);
+        (guard, held)
+    }
+}
+
+/// A request's wait for a finished job, counted by the sleep connection;
+/// the last one dropped lets go of the done-waiter lock.
+#[derive(Debug)]
+pub struct AwaitingDone {
+    requests: mpsc::UnboundedSender<SleepRequest>,
+}
+
+impl Drop for AwaitingDone {
+    fn drop(&mut self) {
+        let _ = self.requests.send(SleepRequest::DoneAwaited);
+    }
 }
 
 /// What a connection of the listener's kind does.
@@ -96,12 +135,20 @@ pub enum Role {
 /// before answering "unsettled".
 const ARM_WAIT_MS: f64 = 10.0;
 
+/// How long taking the done-waiter lock waits for statements finishing
+/// jobs without notifying (a batch of outcomes takes milliseconds).
+const AWAIT_DONE_WAIT_MS: f64 = 100.0;
+
 /// What this session holds for sleeping workers, by queue (`Holding` or
-/// `Covered`), and its two prepared statements.
+/// `Covered`), whether it holds the done-waiter lock, and its prepared
+/// statements.
 struct SleepLocks {
     held: HashMap<Arc<str>, SleepOn>,
+    done_held: bool,
     sleep_on: Statement,
     wake_from: Statement,
+    await_done: Statement,
+    done_awaited: Statement,
 }
 
 /// What the rest of the process may know about the listener: `/ready` and
@@ -151,6 +198,9 @@ pub struct Listener {
     status: Arc<ListenerStatus>,
     requests: mpsc::UnboundedReceiver<SleepRequest>,
     role: Role,
+    /// API requests waiting for a job to finish (the sleep connection's
+    /// count; it outlives sessions).
+    awaiting_done: usize,
 }
 
 impl Listener {
@@ -163,6 +213,7 @@ impl Listener {
             status,
             requests,
             role: Role::Listen,
+            awaiting_done: 0,
         }
     }
 
@@ -178,6 +229,7 @@ impl Listener {
             status: Arc::default(),
             requests,
             role: Role::Sleep,
+            awaiting_done: 0,
         }
     }
 
@@ -204,11 +256,19 @@ impl Listener {
                             _ = &mut pause => break,
                             // No session, no locks: a worker asking sleeps
                             // on its poll until the reconnect wakes it.
-                            Some(request) = self.requests.recv() => {
-                                if let SleepRequest::Arm { reply, .. } = request {
+                            Some(request) = self.requests.recv() => match request {
+                                SleepRequest::Arm { reply, .. } => {
                                     let _ = reply.send(None);
                                 }
-                            }
+                                SleepRequest::AwaitDone { reply } => {
+                                    self.awaiting_done += 1;
+                                    let _ = reply.send(false);
+                                }
+                                SleepRequest::DoneAwaited => {
+                                    self.awaiting_done = self.awaiting_done.saturating_sub(1);
+                                }
+                                SleepRequest::Wake { .. } => {}
+                            },
                         }
                     }
                 }
@@ -257,14 +317,27 @@ impl Listener {
             Role::Listen => None,
             Role::Sleep => Some(SleepLocks {
                 held: HashMap::new(),
+                done_held: false,
                 sleep_on: self
                     .drive(client.prepare(SLEEP_ON), &mut messages)
                     .await??,
                 wake_from: self
                     .drive(client.prepare(WAKE_FROM), &mut messages)
                     .await??,
+                await_done: self
+                    .drive(client.prepare(AWAIT_DONE), &mut messages)
+                    .await??,
+                done_awaited: self
+                    .drive(client.prepare(DONE_AWAITED), &mut messages)
+                    .await??,
             }),
         };
+        // Requests waiting since before this session need the lock again.
+        if let Some(locks) = locks.as_mut() {
+            if self.awaiting_done > 0 {
+                locks.done_held = self.take_done_lock(&client, locks, &mut messages).await?;
+            }
+        }
 
         self.status.connected.store(true, Ordering::Relaxed);
         if self.role == Role::Listen {
@@ -325,7 +398,7 @@ impl Listener {
     /// database refuses is logged and answered "not connected" (the worker
     /// then relies on its poll); a lost connection ends the session.
     async fn serve(
-        &self,
+        &mut self,
         request: SleepRequest,
         client: &Client,
         locks: &mut SleepLocks,
@@ -358,6 +431,27 @@ impl Listener {
                 }
                 let _ = reply.send(Some(answer));
             }
+            SleepRequest::AwaitDone { reply } => {
+                self.awaiting_done += 1;
+                if !locks.done_held {
+                    locks.done_held = self.take_done_lock(client, locks, messages).await?;
+                }
+                let _ = reply.send(locks.done_held);
+            }
+            SleepRequest::DoneAwaited => {
+                self.awaiting_done = self.awaiting_done.saturating_sub(1);
+                if self.awaiting_done == 0 && locks.done_held {
+                    locks.done_held = false;
+                    let released = client.execute(&locks.done_awaited, &[]);
+                    match self.drive(released, messages).await? {
+                        Ok(_) => {}
+                        Err(e) if e.as_db_error().is_some() => {
+                            warn!(error = %e, "pgtasks.done_awaited failed")
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
             SleepRequest::Wake { queue } => {
                 if let Some(held) = locks.held.remove(&queue) {
                     let name: &str = &queue;
@@ -377,11 +471,30 @@ impl Listener {
         Ok(())
     }
 
+    /// Takes the done-waiter lock; false when it could not be had in time
+    /// (or the database refused: logged).
+    async fn take_done_lock(
+        &self,
+        client: &Client,
+        locks: &SleepLocks,
+        messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
+    ) -> Result<bool, SessionError> {
+        let asked = client.query_one(&locks.await_done, &[&AWAIT_DONE_WAIT_MS]);
+        match self.drive(asked, messages).await? {
+            Ok(row) => Ok(row.get(0)),
+            Err(e) if e.as_db_error().is_some() => {
+                warn!(error = %e, "pgtasks.await_done failed");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// At shutdown, lets go of every queue, so that processes relying on
     /// this one hear it now rather than at their next check. Best effort:
     /// the locks end with the session anyway.
     async fn let_go_of_all(
-        &self,
+        &mut self,
         client: &Client,
         locks: &mut SleepLocks,
         messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),

@@ -210,19 +210,19 @@ impl Runtime {
                     check_interval: config.worker.listener_check_interval,
                     reconnect_max_delay: config.worker.reconnect_max_delay,
                 };
-                if !handlers.is_empty() {
-                    let mut pg = listener_config.pg.clone();
-                    pg.application_name("pgtasks-sleeper");
-                    let sleeping = Listener::sleeping(
-                        ListenerConfig {
-                            pg,
-                            ..listener_config.clone()
-                        },
-                        wakeups.clone(),
-                        sleep_requests,
-                    );
-                    tasks.spawn(sleeping.run(shutdown.clone()));
-                }
+                // Workers sleep on it; `?wait=` requests make finishing
+                // statements notify through it.
+                let mut pg = listener_config.pg.clone();
+                pg.application_name("pgtasks-sleeper");
+                let sleeping = Listener::sleeping(
+                    ListenerConfig {
+                        pg,
+                        ..listener_config.clone()
+                    },
+                    wakeups.clone(),
+                    sleep_requests,
+                );
+                tasks.spawn(sleeping.run(shutdown.clone()));
                 let listener = Listener::new(listener_config, wakeups.clone(), status.clone());
                 tasks.spawn(listener.run(shutdown.clone()));
             } else {
@@ -336,7 +336,10 @@ impl Runtime {
                 listener_status,
                 shutdown.clone(),
             )
-            .with_finished(wakeups.finished().clone());
+            .with_finished(
+                wakeups.finished().clone(),
+                config.worker.listen.then(|| sleeper.clone()),
+            );
             let addr = (config.api.host.clone(), config.api.port);
             let server = Server::bind(addr.clone(), api::routes(state))
                 .await

@@ -375,6 +375,15 @@ pub const SLEEP_ON: &str = "SELECT pgtasks.sleep_on($1, $2, $3 * interval '1 mil
 /// Undoes `sleep_on`'s holding (`$2` true) or relying (false).
 pub const WAKE_FROM: &str = "SELECT pgtasks.wake_from($1, $2)";
 
+/// Holds the done-waiter lock for the session (schema step 7), so that
+/// statements finishing jobs notify `pgtasks:done`; `$1`: milliseconds to
+/// wait for such statements in flight. True when held. Run by the sleep
+/// connection while some `?wait=` request of its process waits.
+pub const AWAIT_DONE: &str = "SELECT pgtasks.await_done($1 * interval '1 millisecond')";
+
+/// Lets go of it, when the last such request is answered.
+pub const DONE_AWAITED: &str = "SELECT pgtasks.done_awaited()";
+
 // On the claim index (queue, priority DESC, run_at, id): the queue's
 // distinct priorities by skip scan, then the earliest future run_at of each,
 // one index probe apiece. A second index on (queue, run_at) would do it in

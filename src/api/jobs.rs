@@ -180,8 +180,9 @@ const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// `GET /api/jobs/{id}?wait=30s`: answers when the job has finished or the
 /// wait is over, whichever comes first. Woken by the `pgtasks:done`
-/// notification; the job is re-read at most once a second besides, in case
-/// a notification was missed.
+/// notification, which finishing statements send only while some process
+/// holds the done-waiter lock (schema step 7); the job is re-read at most
+/// once a second besides, in case a notification was missed.
 pub async fn get_waiting(
     state: ApiState,
     id: i64,
@@ -195,8 +196,13 @@ pub async fn get_waiting(
         .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
         .min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    // Registered before the first read, so a finish in between is kept.
+    // Registered, and the lock held, before the first read, so a finish in
+    // between is kept.
     let watch = state.finished.watch(id);
+    let _awaiting = match &state.sleeper {
+        Some(sleeper) => Some(sleeper.await_done().await.0),
+        None => None,
+    };
     loop {
         let job = {
             let client = state.pool.get().await?;

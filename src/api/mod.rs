@@ -40,7 +40,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::config::Config;
-use crate::listener::ListenerStatus;
+use crate::listener::{ListenerStatus, Sleeper};
 use crate::submit::Submitter;
 use crate::wakeup::FinishedJobs;
 use error::ApiError;
@@ -60,6 +60,9 @@ pub struct ApiState {
     pub max_body_bytes: u64,
     /// Where `?wait=` requests learn that their job finished.
     pub finished: FinishedJobs,
+    /// Makes finishing statements notify while a `?wait=` request waits
+    /// (present with the listener).
+    pub sleeper: Option<Sleeper>,
 }
 
 impl ApiState {
@@ -85,13 +88,15 @@ impl ApiState {
             metrics_require_token: config.api.metrics_require_token,
             max_body_bytes: config.api.max_body_bytes,
             finished: FinishedJobs::default(),
+            sleeper: None,
         }
     }
 
     /// Lets `?wait=` requests be woken by this process's listener (without
     /// one they re-read the job every second).
-    pub fn with_finished(mut self, finished: FinishedJobs) -> Self {
+    pub fn with_finished(mut self, finished: FinishedJobs, sleeper: Option<Sleeper>) -> Self {
         self.finished = finished;
+        self.sleeper = sleeper;
         self
     }
 }

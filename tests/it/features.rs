@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, insert_jobs, listening, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, drain_until_sentinel, insert_job, insert_jobs, listen, listening, wait_for,
+    wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 async fn send(client: &tokio_postgres::Client, sql_args: &str) -> (i64, bool) {
@@ -369,6 +370,91 @@ async fn dead_letters_can_be_redriven_to_their_queue() {
     assert_eq!(row.get::<_, String>(1), "created");
     assert_eq!(row.get::<_, i32>(2), 0);
     assert_eq!(row.get::<_, Value>(3), json!({"k": 1}));
+}
+
+/// Whether the process's sleep connection holds the done-waiter lock.
+async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE a.application_name = 'pgtasks-sleeper' AND l.locktype = 'advisory'
+                AND l.granted AND l.objsubid = 1 AND l.objid = 0
+                AND l.classid::bigint = (pgtasks.done_waiter_lock_key() >> 32) & 4294967295",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut config = db.config();
+    config.api.host = "127.0.0.1".into();
+    config.api.port = 0;
+    // Jobs with {"gate": true} finish when the test lets them.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler_gate = gate.clone();
+    let handler = move |job: Job, _ctx: JobContext| {
+        let gate = handler_gate.clone();
+        async move {
+            if job.data["gate"] == json!(true) {
+                gate.acquire().await.unwrap().forget();
+            }
+            Ok(None)
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .handler("readme-queue", handler)
+        .api(true)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let base = format!("http://{}", running.api_addr().unwrap());
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
+
+    // Nobody waits: the completion is silent.
+    insert_job(&client, "readme-queue", json!({})).await;
+    wait_for_state(&client, "completed", 1, SECS_10).await;
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // A request waits: the process holds the lock, and the completion is
+    // announced (which is what answers the request).
+    let id = insert_job(&client, "readme-queue", json!({"gate": true})).await;
+    let waiting = tokio::spawn(async move {
+        reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    wait_for("the done-waiter lock", SECS_10, || async {
+        holds_done_lock(&client).await.then_some(())
+    })
+    .await;
+    gate.add_permits(1);
+    let body = waiting.await.unwrap();
+    assert_eq!(body["job"]["state"], "completed", "{body}");
+    assert_eq!(
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks:done".to_string(), id.to_string())]
+    );
+
+    // Answered, the process lets go, and completions are silent again.
+    wait_for("the done-waiter lock to go", SECS_10, || async {
+        (!holds_done_lock(&client).await).then_some(())
+    })
+    .await;
+    insert_job(&client, "readme-queue", json!({})).await;
+    wait_for_state(&client, "completed", 3, SECS_10).await;
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+    shutdown.cancel();
+    running.stopped().await;
 }
 
 #[tokio::test]

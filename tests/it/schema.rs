@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use pgtasks::store::{SLEEP_ON, WAKE_FROM};
+use pgtasks::store::{AWAIT_DONE, DONE_AWAITED, SLEEP_ON, WAKE_FROM};
 use tokio_postgres::error::SqlState;
 
 use crate::support::{drain_until_sentinel, listen, wait_for, TestDb, SECS_10};
@@ -356,4 +356,67 @@ async fn arming_settles_only_after_inserts_in_flight_commit() {
     wake_from(&other, "a", true).await;
     wake_from(&other, "b", true).await;
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+}
+
+/// `pgtasks.await_done` as a process's sleep connection runs it.
+async fn await_done(session: &tokio_postgres::Client, wait_ms: f64) -> bool {
+    session
+        .query_one(AWAIT_DONE, &[&wait_ms])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn finished_jobs_are_announced_only_while_a_process_awaits_one() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
+    let finish = |ids: &'static str| format!("SELECT pgtasks.notify_done('{{{ids}}}')");
+    let done = |ids: &str| vec![("pgtasks:done".to_string(), ids.to_string())];
+
+    // Nobody waits: finishing is silent.
+    client.execute(&finish("1,2"), &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // Two processes wait (the lock is shared): finishing announces, until
+    // both are answered.
+    let first = db.client().await;
+    let second = db.client().await;
+    assert!(await_done(&first, 100.0).await);
+    assert!(await_done(&second, 100.0).await);
+    client.execute(&finish("3,4"), &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, done("3,4"));
+    first.execute(DONE_AWAITED, &[]).await.unwrap();
+    client.execute(&finish("5"), &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, done("5"));
+    second.execute(DONE_AWAITED, &[]).await.unwrap();
+    client.execute(&finish("6"), &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
+
+    // A finish in flight that did not announce: a process about to wait
+    // waits for its commit (then its first look at the job sees it).
+    let finishing = db.client().await;
+    finishing.batch_execute("BEGIN").await.unwrap();
+    finishing.execute(&finish("7"), &[]).await.unwrap();
+    assert!(
+        !await_done(&first, 50.0).await,
+        "the lock waits for the finish in flight"
+    );
+    finishing.batch_execute("COMMIT").await.unwrap();
+    assert!(await_done(&first, 1000.0).await);
+    client.execute(&finish("8"), &[]).await.unwrap();
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, done("8"));
+
+    // A waiting process that goes away takes its lock along.
+    drop(first);
+    wait_for("the dead session's lock to go", SECS_10, || async {
+        let (_session, mut quiet) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
+        client.execute(&finish("9"), &[]).await.unwrap();
+        drain_until_sentinel(&client, &mut quiet)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }
