@@ -65,6 +65,11 @@ pub enum StartError {
     Migrate(tokio_postgres::Error),
     #[error("creating queues from config: {0}")]
     SyncQueues(tokio_postgres::Error),
+    #[error(
+        "the database's pgtasks schema is at step {found}, this build needs step {needed}: \
+         run `pgtasks migrate` (or set `database.migrate = true`)"
+    )]
+    SchemaBehind { found: i32, needed: i32 },
     #[error("{0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("cannot listen on {addr} (config key `api.port` / PORT, `api.host`): {source}")]
@@ -377,6 +382,19 @@ async fn prepare_database(pool: &Pool, config: &Config) -> Result<(), StartError
             .await
             .map_err(StartError::Migrate)?;
         info!(version, "schema up to date");
+    } else {
+        // Not migrating: the functions and triggers this build calls must
+        // be there already, or its connections would fail one by one.
+        let client = pool.get().await?;
+        let found = schema::installed_version(&client)
+            .await
+            .map_err(StartError::Migrate)?;
+        if found < schema::SCHEMA_VERSION {
+            return Err(StartError::SchemaBehind {
+                found,
+                needed: schema::SCHEMA_VERSION,
+            });
+        }
     }
     sync_queues(pool, config).await
 }

@@ -13,6 +13,21 @@ pub const SCHEMA_VERSION: i32 = 7;
 /// Applies `schema.sql` and returns the installed schema version.
 pub async fn migrate(client: &Client) -> Result<i32, tokio_postgres::Error> {
     client.batch_execute(SCHEMA_SQL).await?;
+    installed_version(client).await
+}
+
+/// The newest step applied to the database; 0 when none was.
+pub async fn installed_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regclass('pgtasks.schema_version') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !installed {
+        return Ok(0);
+    }
     let row = client
         .query_one("SELECT max(version) FROM pgtasks.schema_version", &[])
         .await?;

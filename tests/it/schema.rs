@@ -420,3 +420,36 @@ async fn finished_jobs_are_announced_only_while_a_process_awaits_one() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_runtime_that_does_not_migrate_refuses_an_older_schema() {
+    let db = TestDb::new().await;
+    // The test databases are migrated; take the newest step away.
+    db.client()
+        .await
+        .batch_execute(
+            "DELETE FROM pgtasks.schema_version
+              WHERE version = (SELECT max(version) FROM pgtasks.schema_version)",
+        )
+        .await
+        .unwrap();
+    let mut config = db.config();
+    config.database.migrate = false;
+    let started = pgtasks::Runtime::new(config)
+        .handler("readme-queue", |_job, _ctx| async { Ok(None) })
+        .start(tokio_util::sync::CancellationToken::new())
+        .await;
+    let Err(error) = started else {
+        panic!("started against an older schema");
+    };
+    let message = error.to_string();
+    let needed = pgtasks::schema::SCHEMA_VERSION;
+    assert!(
+        message.contains(&format!(
+            "at step {}, this build needs step {needed}",
+            needed - 1
+        )) && message.contains("pgtasks migrate")
+            && message.contains("database.migrate"),
+        "{message}"
+    );
+}
