@@ -11,10 +11,11 @@
 //! left open would block the server's notification queue cleanup).
 //!
 //! A second instance ([`Role::Sleep`]) keeps the connection that carries
-//! the locks making inserts notify a sleeping worker (schema step 6): a
-//! worker about to sleep asks through its [`Sleeper`], and the locks end
-//! with the session, so a process that dies or loses its connection never
-//! leaves a stale "someone sleeps" behind. After a reconnect the workers
+//! the locks making inserts notify a sleeping worker (schema step 6), and
+//! finishing statements notify while a `?wait=` request waits (step 7): a
+//! worker about to sleep, or a request about to wait, asks through a
+//! [`Sleeper`], and the locks end with the session, so a process that dies
+//! or loses its connection never leaves a stale "someone sleeps" behind. After a reconnect the workers
 //! re-arm ([`Wakeups::rearm_all`]). It is not the LISTEN connection: arming
 //! may wait for inserts in flight, and a session receives notifications
 //! only between its statements.
