@@ -99,6 +99,12 @@ fn build_pool(pg: tokio_postgres::Config, config: &DatabaseConfig) -> Result<Poo
     );
     Ok(Pool::builder(manager)
         .max_size(config.pool_size)
+        // The most recently returned connection first: its backend is the
+        // one still warm, and the rest stay idle. Draining 20,000 jobs over
+        // 10 queues x 10: median 45.5k jobs/s this way, 40.5k first in,
+        // first out (six alternating runs each); one queue x 100: 59.2k vs
+        // 57.4k.
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .create_timeout(Some(config.connect_timeout))
         .wait_timeout(Some(Duration::from_secs(30)))
