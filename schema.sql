@@ -1284,7 +1284,9 @@ $fn$;
 CREATE FUNCTION pgtasks.await_done(wait interval) RETURNS boolean
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM set_config('lock_timeout', (extract(epoch FROM wait) * 1000)::bigint || 'ms', true);
+    -- At least 1 ms: a lock_timeout of 0 would wait for ever.
+    PERFORM set_config('lock_timeout',
+                       greatest(1, ceil(extract(epoch FROM wait) * 1000))::bigint || 'ms', true);
     PERFORM pg_advisory_lock_shared(pgtasks.done_waiter_lock_key());
     RETURN true;
 EXCEPTION WHEN lock_not_available THEN

@@ -56,7 +56,8 @@ pub enum SleepRequest {
     DoneAwaited,
 }
 
-/// A queue worker's line to the sleep connection. Cheap to clone.
+/// A queue worker's (or a `?wait=` request's) line to the sleep
+/// connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sleeper {
     requests: mpsc::UnboundedSender<SleepRequest>,
@@ -89,9 +90,9 @@ impl Sleeper {
         });
     }
 
-    /// Before a request first reads the job it waits for: from now on,
-    /// statements that finish jobs notify `pgtasks:done` (false: they may
-    /// not; the request then learns by re-reading). Until the returned
+    /// Before a request reads the job it is about to wait for: from now
+    /// on, statements that finish jobs notify `pgtasks:done` (false: they
+    /// may not; the request then learns by re-reading). Until the returned
     /// guard is dropped.
     pub async fn await_done(&self) -> (AwaitingDone, bool) {
         let guard = AwaitingDone {
@@ -128,7 +129,7 @@ impl Drop for AwaitingDone {
 pub enum Role {
     /// LISTENs on every queue's channel and dispatches notifications.
     Listen,
-    /// Holds the sleeping workers' locks.
+    /// Holds the sleeping workers' locks and the `?wait=` requests'.
     Sleep,
 }
 
@@ -378,6 +379,16 @@ impl Listener {
                     }
                 }
                 _ = check.tick() => {
+                    // Requests wait without the done-waiter lock (taking it
+                    // timed out or was refused): try again.
+                    if let Some(locks) = locks.as_mut() {
+                        if self.awaiting_done > 0 && !locks.done_held {
+                            match self.take_done_lock(&client, locks, &mut messages).await {
+                                Ok(held) => locks.done_held = held,
+                                Err(e) => break Err(e),
+                            }
+                        }
+                    }
                     let limit = self.config.check_interval.min(Duration::from_secs(10));
                     let ping = tokio::time::timeout(limit, client.simple_query("SELECT 1"));
                     match self.drive(ping, &mut messages).await {
@@ -395,9 +406,10 @@ impl Listener {
         result
     }
 
-    /// Answers a worker's sleep request on this session. A statement the
-    /// database refuses is logged and answered "not connected" (the worker
-    /// then relies on its poll); a lost connection ends the session.
+    /// Answers a worker's sleep request, or a `?wait=` request's, on this
+    /// session. A statement the database refuses is logged and answered
+    /// "not connected" / "not held" (the worker then relies on its poll, the
+    /// request on its re-reads); a lost connection ends the session.
     async fn serve(
         &mut self,
         request: SleepRequest,
@@ -442,10 +454,11 @@ impl Listener {
             SleepRequest::DoneAwaited => {
                 self.awaiting_done = self.awaiting_done.saturating_sub(1);
                 if self.awaiting_done == 0 && locks.done_held {
-                    locks.done_held = false;
                     let released = client.execute(&locks.done_awaited, &[]);
                     match self.drive(released, messages).await? {
-                        Ok(_) => {}
+                        Ok(_) => locks.done_held = false,
+                        // Still held, as far as we know: the next request
+                        // does not take it twice, and its end tries again.
                         Err(e) if e.as_db_error().is_some() => {
                             warn!(error = %e, "pgtasks.done_awaited failed")
                         }

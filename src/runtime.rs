@@ -65,6 +65,8 @@ pub enum StartError {
     Migrate(tokio_postgres::Error),
     #[error("creating queues from config: {0}")]
     SyncQueues(tokio_postgres::Error),
+    #[error("reading the schema version: {0}")]
+    SchemaCheck(tokio_postgres::Error),
     #[error(
         "the database's pgtasks schema is at step {found}, this build needs step {needed}: \
          run `pgtasks migrate` (or set `database.migrate = true`)"
@@ -388,7 +390,7 @@ async fn prepare_database(pool: &Pool, config: &Config) -> Result<(), StartError
         let client = pool.get().await?;
         let found = schema::installed_version(&client)
             .await
-            .map_err(StartError::Migrate)?;
+            .map_err(StartError::SchemaCheck)?;
         if found < schema::SCHEMA_VERSION {
             return Err(StartError::SchemaBehind {
                 found,
@@ -405,7 +407,9 @@ impl StartError {
         match self {
             StartError::Db(DbError::Connect(e)) => e.as_db_error().is_none(),
             StartError::Db(DbError::ConnectTimeout(_)) | StartError::Pool(_) => true,
-            StartError::Migrate(e) | StartError::SyncQueues(e) => e.as_db_error().is_none(),
+            StartError::Migrate(e) | StartError::SchemaCheck(e) | StartError::SyncQueues(e) => {
+                e.as_db_error().is_none()
+            }
             _ => false,
         }
     }

@@ -196,23 +196,34 @@ pub async fn get_waiting(
         .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
         .min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    // Registered, and the lock held, before the first read, so a finish in
-    // between is kept.
+    let read = || async {
+        let client = state.pool.get().await?;
+        store::get_job(&client, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
+    };
+    let answer = |job| Ok(warp::reply::json(&JobResponse { success: true, job }).into_response());
+    // Most answers need no waiting: unknown, finished, or no wait asked.
+    let job = read().await?;
+    if job.state.is_finished() || wait.is_zero() || state.shutdown.is_cancelled() {
+        return answer(job);
+    }
+    // Registered, and the lock held, before the next read, so a finish in
+    // between is kept. Taking the lock waits for finishes in flight; no
+    // longer than the wait (without it, the re-reads below still answer).
     let watch = state.finished.watch(id);
     let _awaiting = match &state.sleeper {
-        Some(sleeper) => Some(sleeper.await_done().await.0),
+        Some(sleeper) => tokio::time::timeout_at(deadline, sleeper.await_done())
+            .await
+            .ok()
+            .map(|(guard, _held)| guard),
         None => None,
     };
     loop {
-        let job = {
-            let client = state.pool.get().await?;
-            store::get_job(&client, id)
-                .await?
-                .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?
-        };
+        let job = read().await?;
         let now = tokio::time::Instant::now();
         if job.state.is_finished() || now >= deadline || state.shutdown.is_cancelled() {
-            return Ok(warp::reply::json(&JobResponse { success: true, job }).into_response());
+            return answer(job);
         }
         let nap = (deadline - now).min(std::time::Duration::from_secs(1));
         tokio::select! {

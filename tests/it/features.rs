@@ -377,7 +377,8 @@ async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
     client
         .query_one(
             "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-              WHERE a.application_name = 'pgtasks-sleeper' AND l.locktype = 'advisory'
+              WHERE a.application_name = 'pgtasks-sleeper' AND a.datname = current_database()
+                AND l.locktype = 'advisory'
                 AND l.granted AND l.objsubid = 1 AND l.objid = 0
                 AND l.classid::bigint = (pgtasks.done_waiter_lock_key() >> 32) & 4294967295",
             &[],
