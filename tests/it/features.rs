@@ -372,6 +372,24 @@ async fn dead_letters_can_be_redriven_to_their_queue() {
     assert_eq!(row.get::<_, Value>(3), json!({"k": 1}));
 }
 
+/// A runtime running `handler` on `readme-queue`, with its API, listening;
+/// and the API's base URL.
+async fn serve_readme_queue(
+    config: pgtasks::Config,
+    handler: impl pgtasks::handler::Handler,
+) -> (pgtasks::Running, CancellationToken, String) {
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .handler("readme-queue", handler)
+        .api(true)
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let base = format!("http://{}", running.api_addr().unwrap());
+    (running, shutdown, base)
+}
+
 /// Whether the process's sleep connection holds the done-waiter lock.
 async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
     client
@@ -407,15 +425,7 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
             Ok(None)
         }
     };
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(config)
-        .handler("readme-queue", handler)
-        .api(true)
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
-    let base = format!("http://{}", running.api_addr().unwrap());
+    let (running, shutdown, base) = serve_readme_queue(config, handler).await;
     let (_listener, mut rx) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
 
     // Nobody waits: the completion is silent.
@@ -469,15 +479,7 @@ async fn get_with_wait_returns_as_soon_as_the_job_finishes() {
         tokio::time::sleep(Duration::from_millis(job.data["ms"].as_u64().unwrap_or(0))).await;
         Ok(Some(json!({"slept": job.data["ms"]})))
     };
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(config)
-        .handler("readme-queue", handler)
-        .api(true)
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
-    let base = format!("http://{}", running.api_addr().unwrap());
+    let (running, shutdown, base) = serve_readme_queue(config, handler).await;
     let http = reqwest::Client::new();
     let submitted: Value = http
         .post(format!("{base}/api/jobs/readme"))

@@ -265,6 +265,25 @@ async fn wake_from(session: &tokio_postgres::Client, queue: &str, holding: bool)
         .unwrap();
 }
 
+/// Waits until `statement` runs without a notification on `channel`: a
+/// dropped session's locks go once the server has noticed it is gone.
+async fn until_silent(
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+    channel: &str,
+    statement: &str,
+) {
+    wait_for("the dead session's lock to go", SECS_10, || async {
+        let (_session, mut quiet) = listen(&db.url, &[channel, "sentinel"]).await;
+        client.execute(statement, &[]).await.unwrap();
+        drain_until_sentinel(client, &mut quiet)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn inserts_notify_only_while_a_worker_sleeps() {
     let db = TestDb::new().await;
@@ -309,15 +328,7 @@ async fn inserts_notify_only_while_a_worker_sleeps() {
     let third = db.client().await;
     assert_eq!(sleep_on(&third, "a", false).await, "holding");
     drop(third);
-    wait_for("the dead session's lock to go", SECS_10, || async {
-        let (_session, mut quiet) = listen(&db.url, &["pgtasks.a", "sentinel"]).await;
-        client.execute(insert, &[]).await.unwrap();
-        drain_until_sentinel(&client, &mut quiet)
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    until_silent(&db, &client, "pgtasks.a", insert).await;
 }
 
 #[tokio::test]
@@ -410,15 +421,7 @@ async fn finished_jobs_are_announced_only_while_a_process_awaits_one() {
 
     // A waiting process that goes away takes its lock along.
     drop(first);
-    wait_for("the dead session's lock to go", SECS_10, || async {
-        let (_session, mut quiet) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
-        client.execute(&finish("9"), &[]).await.unwrap();
-        drain_until_sentinel(&client, &mut quiet)
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    until_silent(&db, &client, "pgtasks:done", &finish("9")).await;
 }
 
 #[tokio::test]
