@@ -15,10 +15,11 @@
 //! finishing statements notify while a `?wait=` request waits (step 7): a
 //! worker about to sleep, or a request about to wait, asks through a
 //! [`Sleeper`], and the locks end with the session, so a process that dies
-//! or loses its connection never leaves a stale "someone sleeps" behind. After a reconnect the workers
-//! re-arm ([`Wakeups::rearm_all`]). It is not the LISTEN connection: arming
-//! may wait for inserts in flight, and a session receives notifications
-//! only between its statements.
+//! or loses its connection never leaves a stale "someone sleeps" behind.
+//! After a reconnect the workers re-arm ([`Wakeups::rearm_all`]) and the
+//! done-waiter lock is taken again if requests wait. It is not the LISTEN
+//! connection: arming may wait for inserts in flight, and a session
+//! receives notifications only between its statements.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -256,21 +257,7 @@ impl Listener {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = &mut pause => break,
-                            // No session, no locks: a worker asking sleeps
-                            // on its poll until the reconnect wakes it.
-                            Some(request) = self.requests.recv() => match request {
-                                SleepRequest::Arm { reply, .. } => {
-                                    let _ = reply.send(None);
-                                }
-                                SleepRequest::AwaitDone { reply } => {
-                                    self.awaiting_done += 1;
-                                    let _ = reply.send(false);
-                                }
-                                SleepRequest::DoneAwaited => {
-                                    self.awaiting_done = self.awaiting_done.saturating_sub(1);
-                                }
-                                SleepRequest::Wake { .. } => {}
-                            },
+                            Some(request) = self.requests.recv() => self.answer_offline(request),
                         }
                     }
                 }
@@ -317,28 +304,30 @@ impl Listener {
         // channel has no sender).
         let mut locks = match self.role {
             Role::Listen => None,
-            Role::Sleep => Some(SleepLocks {
-                held: HashMap::new(),
-                done_held: false,
-                sleep_on: self
-                    .drive(client.prepare(SLEEP_ON), &mut messages)
-                    .await??,
-                wake_from: self
-                    .drive(client.prepare(WAKE_FROM), &mut messages)
-                    .await??,
-                await_done: self
-                    .drive(client.prepare(AWAIT_DONE), &mut messages)
-                    .await??,
-                done_awaited: self
-                    .drive(client.prepare(DONE_AWAITED), &mut messages)
-                    .await??,
-            }),
+            Role::Sleep => {
+                // Prepared together: one round trip.
+                let prepared = futures::future::try_join4(
+                    client.prepare(SLEEP_ON),
+                    client.prepare(WAKE_FROM),
+                    client.prepare(AWAIT_DONE),
+                    client.prepare(DONE_AWAITED),
+                );
+                let (sleep_on, wake_from, await_done, done_awaited) =
+                    self.drive(prepared, &mut messages).await??;
+                Some(SleepLocks {
+                    held: HashMap::new(),
+                    done_held: false,
+                    sleep_on,
+                    wake_from,
+                    await_done,
+                    done_awaited,
+                })
+            }
         };
         // Requests waiting since before this session need the lock again.
         if let Some(locks) = locks.as_mut() {
-            if self.awaiting_done > 0 {
-                locks.done_held = self.take_done_lock(&client, locks, &mut messages).await?;
-            }
+            self.hold_done_lock_if_awaited(&client, locks, &mut messages)
+                .await?;
         }
 
         self.status.connected.store(true, Ordering::Relaxed);
@@ -379,14 +368,14 @@ impl Listener {
                     }
                 }
                 _ = check.tick() => {
-                    // Requests wait without the done-waiter lock (taking it
-                    // timed out or was refused): try again.
+                    // Requests may wait without the done-waiter lock (taking
+                    // it timed out or was refused): try again.
                     if let Some(locks) = locks.as_mut() {
-                        if self.awaiting_done > 0 && !locks.done_held {
-                            match self.take_done_lock(&client, locks, &mut messages).await {
-                                Ok(held) => locks.done_held = held,
-                                Err(e) => break Err(e),
-                            }
+                        if let Err(e) = self
+                            .hold_done_lock_if_awaited(&client, locks, &mut messages)
+                            .await
+                        {
+                            break Err(e);
                         }
                     }
                     let limit = self.config.check_interval.min(Duration::from_secs(10));
@@ -428,15 +417,14 @@ impl Listener {
                 let covered = held == Some(SleepOn::Covered);
                 let params: [&(dyn ToSql + Sync); 3] = [&name, &covered, &ARM_WAIT_MS];
                 let asked = client.query_one(&locks.sleep_on, &params);
-                let answer = match self.drive(asked, messages).await? {
-                    Ok(row) => SleepOn::from_sql(row.get(0)),
-                    Err(e) if e.as_db_error().is_some() => {
-                        warn!(queue = name, error = %e, "pgtasks.sleep_on failed");
-                        let _ = reply.send(None);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
+                let Some(row) = self
+                    .run_logged(asked, "sleep_on", Some(name), messages)
+                    .await?
+                else {
+                    let _ = reply.send(None);
+                    return Ok(());
                 };
+                let answer = SleepOn::from_sql(row.get(0));
                 if answer == SleepOn::Unsettled {
                     locks.held.remove(&queue);
                 } else {
@@ -446,23 +434,22 @@ impl Listener {
             }
             SleepRequest::AwaitDone { reply } => {
                 self.awaiting_done += 1;
-                if !locks.done_held {
-                    locks.done_held = self.take_done_lock(client, locks, messages).await?;
-                }
+                self.hold_done_lock_if_awaited(client, locks, messages)
+                    .await?;
                 let _ = reply.send(locks.done_held);
             }
             SleepRequest::DoneAwaited => {
                 self.awaiting_done = self.awaiting_done.saturating_sub(1);
                 if self.awaiting_done == 0 && locks.done_held {
                     let released = client.execute(&locks.done_awaited, &[]);
-                    match self.drive(released, messages).await? {
-                        Ok(_) => locks.done_held = false,
-                        // Still held, as far as we know: the next request
-                        // does not take it twice, and its end tries again.
-                        Err(e) if e.as_db_error().is_some() => {
-                            warn!(error = %e, "pgtasks.done_awaited failed")
-                        }
-                        Err(e) => return Err(e.into()),
+                    // Refused: still held, as far as we know; the next
+                    // request does not take it twice, and its end tries again.
+                    if self
+                        .run_logged(released, "done_awaited", None, messages)
+                        .await?
+                        .is_some()
+                    {
+                        locks.done_held = false;
                     }
                 }
             }
@@ -472,35 +459,69 @@ impl Listener {
                     let holding = held == SleepOn::Holding;
                     let params: [&(dyn ToSql + Sync); 2] = [&name, &holding];
                     let woken = client.execute(&locks.wake_from, &params);
-                    match self.drive(woken, messages).await? {
-                        Ok(_) => {}
-                        Err(e) if e.as_db_error().is_some() => {
-                            warn!(queue = name, error = %e, "pgtasks.wake_from failed")
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+                    self.run_logged(woken, "wake_from", Some(name), messages)
+                        .await?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Takes the done-waiter lock; false when it could not be had in time
-    /// (or the database refused: logged).
-    async fn take_done_lock(
+    /// While requests wait, holds the done-waiter lock if this session does
+    /// not yet (it stays unheld when it could not be had in time, or the
+    /// database refused: logged).
+    async fn hold_done_lock_if_awaited(
         &self,
         client: &Client,
-        locks: &SleepLocks,
+        locks: &mut SleepLocks,
         messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
-    ) -> Result<bool, SessionError> {
+    ) -> Result<(), SessionError> {
+        if self.awaiting_done == 0 || locks.done_held {
+            return Ok(());
+        }
         let asked = client.query_one(&locks.await_done, &[&AWAIT_DONE_WAIT_MS]);
-        match self.drive(asked, messages).await? {
-            Ok(row) => Ok(row.get(0)),
+        if let Some(row) = self.run_logged(asked, "await_done", None, messages).await? {
+            locks.done_held = row.get(0);
+        }
+        Ok(())
+    }
+
+    /// Runs one of the sleep connection's statements. `None` when the
+    /// database refused it (logged: the caller carries on without it); a
+    /// lost connection ends the session.
+    async fn run_logged<T>(
+        &self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+        function: &str,
+        queue: Option<&str>,
+        messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
+    ) -> Result<Option<T>, SessionError> {
+        match self.drive(statement, messages).await? {
+            Ok(output) => Ok(Some(output)),
             Err(e) if e.as_db_error().is_some() => {
-                warn!(error = %e, "pgtasks.await_done failed");
-                Ok(false)
+                warn!(queue, error = %e, "pgtasks.{function} failed");
+                Ok(None)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A request while no session is up: nothing can be held. A worker
+    /// sleeps on its poll until the reconnect wakes it; a `?wait=` request
+    /// re-reads, and is counted so the next session takes the lock for it.
+    fn answer_offline(&mut self, request: SleepRequest) {
+        match request {
+            SleepRequest::Arm { reply, .. } => {
+                let _ = reply.send(None);
+            }
+            SleepRequest::AwaitDone { reply } => {
+                self.awaiting_done += 1;
+                let _ = reply.send(false);
+            }
+            SleepRequest::DoneAwaited => {
+                self.awaiting_done = self.awaiting_done.saturating_sub(1);
+            }
+            SleepRequest::Wake { .. } => {}
         }
     }
 
