@@ -163,11 +163,13 @@ fn counting_handler(
     }
 }
 
-/// Owns stdout: writes lines as they come, flushing when idle, and the
-/// handled count every 5 ms when it changed (a drain of 20,000 jobs takes a
-/// third of a second: at 50 ms its end was known only to a seventh).
+/// How often the handled count is written when it changed: a drain of
+/// 20,000 jobs takes a third of a second, and at 50 ms its end was known
+/// only to a seventh.
 const REPORT_EVERY: Duration = Duration::from_millis(5);
 
+/// Owns stdout: writes lines as they come, flushing when idle, and the
+/// handled count every [`REPORT_EVERY`] when it changed.
 fn write_stdout(rx: std_mpsc::Receiver<Out>, handled: Option<Arc<AtomicU64>>) {
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut last_count = 0;
