@@ -186,6 +186,9 @@ impl Runtime {
         let wakeups = Wakeups::new(handlers.keys().map(String::as_str));
         let mut stats = BTreeMap::new();
         let (sleeper, sleep_requests) = Sleeper::channel();
+        // Workers and `?wait=` requests use it only with the listener: in
+        // poll-only mode nothing is notified.
+        let sleeper = config.worker.listen.then_some(sleeper);
 
         if self.run_maintenance {
             let maintenance = Maintenance::new(pool.clone(), config.maintenance.intervals());
@@ -292,7 +295,7 @@ impl Runtime {
                     attempts: attempts.clone(),
                     abort: abort.clone(),
                     running: wakeups.running().clone(),
-                    sleeper: config.worker.listen.then(|| sleeper.clone()),
+                    sleeper: sleeper.clone(),
                     one_per_claim: config.queues[queue].policy.one_active_per_key(),
                 };
                 workers.spawn(worker.run(shutdown.clone()));
@@ -343,10 +346,7 @@ impl Runtime {
                 listener_status,
                 shutdown.clone(),
             )
-            .with_finished(
-                wakeups.finished().clone(),
-                config.worker.listen.then(|| sleeper.clone()),
-            );
+            .with_finished(wakeups.finished().clone(), sleeper.clone());
             let addr = (config.api.host.clone(), config.api.port);
             let server = Server::bind(addr.clone(), api::routes(state))
                 .await
