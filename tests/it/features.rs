@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, drain_until_sentinel, insert_job, insert_jobs, listen, listening, wait_for,
-    wait_for_state, Recorder, TestDb, SECS_10,
+    count_state, drain_until_sentinel, insert_job, insert_jobs, listen, listening, sleeper_locks,
+    wait_for, wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 async fn send(client: &tokio_postgres::Client, sql_args: &str) -> (i64, bool) {
@@ -392,18 +392,9 @@ async fn serve_readme_queue(
 
 /// Whether the process's sleep connection holds the done-waiter lock.
 async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
-    client
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-              WHERE a.application_name = 'pgtasks-sleeper' AND a.datname = current_database()
-                AND l.locktype = 'advisory'
-                AND l.granted AND l.objsubid = 1 AND l.objid = 0
-                AND l.classid::bigint = (pgtasks.done_waiter_lock_key() >> 32) & 4294967295",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    let done_key = "l.objsubid = 1 AND l.objid = 0
+                    AND l.classid::bigint = (pgtasks.done_waiter_lock_key() >> 32) & 4294967295";
+    sleeper_locks(client, done_key).await > 0
 }
 
 #[tokio::test]

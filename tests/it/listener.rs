@@ -7,8 +7,8 @@ use pgtasks::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    insert_jobs, start_recording, start_recording_with, wait_for, wait_for_state, Recorder, TestDb,
-    SECS_10,
+    insert_jobs, sleeper_locks, start_recording, start_recording_with, wait_for, wait_for_state,
+    Recorder, TestDb, SECS_10,
 };
 
 #[tokio::test]
@@ -55,21 +55,9 @@ async fn sleep_connection_reconnects_and_the_worker_arms_again() {
     let recorder = Recorder::default();
     let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
-    let sleeper_locks = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                  WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted
-                    AND a.application_name = 'pgtasks-sleeper'
-                    AND a.datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let queue_locks = || sleeper_locks(&client, "l.mode = 'ExclusiveLock'");
     assert_eq!(
-        sleeper_locks().await,
+        queue_locks().await,
         1,
         "the idle worker holds its queue's lock"
     );
@@ -91,7 +79,7 @@ async fn sleep_connection_reconnects_and_the_worker_arms_again() {
         .unwrap();
     wait_for("the lock on a new sleep session", SECS_10, || async {
         let replaced = sleeper_pid().await.is_some_and(|pid| pid != killed);
-        (replaced && sleeper_locks().await == 1).then_some(())
+        (replaced && queue_locks().await == 1).then_some(())
     })
     .await;
     insert_jobs(&client, "readme-queue", 1).await;

@@ -361,3 +361,14 @@ pub async fn drain_until_sentinel(
         got.push(item);
     }
 }
+
+/// How many advisory locks this database's sleep connection holds that match
+/// `filter`, a condition on `pg_locks l`.
+pub async fn sleeper_locks(client: &Client, filter: &str) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          WHERE a.application_name = 'pgtasks-sleeper' AND a.datname = current_database()
+            AND l.locktype = 'advisory' AND l.granted AND ({filter})"
+    );
+    client.query_one(&sql, &[]).await.unwrap().get(0)
+}
