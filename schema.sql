@@ -1037,9 +1037,9 @@ $step$;
 -- The lock is held on a connection each process keeps for it, so that it
 -- lasts as long as the sleep and ends with the process. Only one process
 -- can hold it; other processes' sleepers rely on it ("covered") and say so
--- by holding a second lock (covered_lock_key) shared. A holder that wakes releases the queue's lock and, when some
--- process relies on it, notifies the queue so that they wake and one of
--- them takes over. (A holder that crashes tells nobody: the others notice
+-- by holding a second lock (covered_lock_key) shared. A holder that wakes
+-- releases the queue's lock and, when some process relies on it, notifies
+-- the queue so that they wake and one of them takes over. (A holder that crashes tells nobody: the others notice
 -- within a second, when they check again.)
 --
 -- pgtasks.queue_waiter, worker_waiting() and waiters_settled() are left in
@@ -1241,7 +1241,7 @@ $step$;
 -- connection) while any of its requests waits, and a statement that
 -- finishes jobs notifies only when it cannot take that lock exclusively.
 -- Taken, the lock lasts to the end of that transaction, so a process about
--- to wait first waits for it: its first look at the job, after the lock,
+-- to wait first waits for it: its next read of the job, after the lock,
 -- sees every finish that did not notify. (Two finishing statements at once:
 -- the second cannot take it either, and notifies. Harmless.)
 --

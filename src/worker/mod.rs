@@ -3,9 +3,9 @@
 //! [`completer`] writes their outcomes.
 //!
 //! Before sleeping with nothing to claim, the worker asks its process's
-//! sleep connection to arm its queue (schema step 6: inserts notify only while a process holds
-//! the queue's lock, and its own look at the queue after taking it sees
-//! every insert that did not), and claims once more. It then sleeps until a
+//! sleep connection to arm its queue (schema step 6: inserts notify only
+//! while a process holds the queue's lock, and its own look at the queue
+//! after taking it sees every insert that did not), and claims once more. It then sleeps until a
 //! wakeup from the listener (or the completer), the slow poll, its timer for
 //! the queue's next future `run_at`, or a freed slot while the last claim
 //! suggested more work is waiting. It claims up to its free slots in one
@@ -379,8 +379,9 @@ impl QueueWorker {
         }
     }
 
-    /// Before sleeping with nothing to claim: asks the sleep connection to arm the
-    /// queue, so that inserts wake this worker. Returns where it stands.
+    /// Before sleeping with nothing to claim: asks the sleep connection to
+    /// arm the queue, so that inserts wake this worker. Returns where it
+    /// stands.
     async fn arm(&self, sleeper: &Sleeper, waiting: Waiting) -> Waiting {
         match sleeper.sleep_on(&self.queue).await {
             Some(SleepOn::Holding) => Waiting::Holding,

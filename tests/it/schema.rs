@@ -406,7 +406,7 @@ async fn finished_jobs_are_announced_only_while_a_process_awaits_one() {
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 
     // A finish in flight that did not announce: a process about to wait
-    // waits for its commit (then its first look at the job sees it).
+    // waits for its commit (then its next read of the job sees it).
     let finishing = db.client().await;
     finishing.batch_execute("BEGIN").await.unwrap();
     finishing.execute(&finish("7"), &[]).await.unwrap();
