@@ -155,8 +155,9 @@ SELECT queue, data
  ORDER BY n
 RETURNING id";
 
-/// Inserts jobs in one statement (one trigger run, one NOTIFY per queue) and
-/// returns their ids in input order.
+/// Inserts jobs in one statement (one transaction: at most one NOTIFY per
+/// queue, sent only while a worker sleeps on it) and returns their ids in
+/// input order.
 pub async fn insert_jobs(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<i64>, Error> {
     let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     let data: Vec<&Value> = jobs.iter().map(|j| &j.data).collect();

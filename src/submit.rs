@@ -3,7 +3,7 @@
 //!
 //! Each HTTP submit hands its job to a channel and waits for its id. The
 //! submitter takes everything waiting (up to a cap) and inserts it in one
-//! statement (one transaction, one NOTIFY per queue). At most `max_in_flight`
+//! statement (one transaction, at most one NOTIFY per queue). At most `max_in_flight`
 //! inserts run at once; while they run, new requests queue up and form the
 //! next batch. An idle system therefore inserts each job at once, and a busy
 //! one inserts hundreds per round trip. A caller gets its id only after the
