@@ -297,6 +297,7 @@ impl Runtime {
                     running: wakeups.running().clone(),
                     sleeper: sleeper.clone(),
                     one_per_claim: config.queues[queue].policy.one_active_per_key(),
+                    claim_ahead: config.queues[queue].claim_ahead,
                 };
                 workers.spawn(worker.run(shutdown.clone()));
             }

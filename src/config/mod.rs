@@ -297,6 +297,11 @@ impl QueuePolicy {
 pub struct QueueConfig {
     /// Jobs of this queue run at once in this process. Default 10.
     pub concurrency: usize,
+    /// While the queue is saturated and its handlers are quick (5 ms or
+    /// less on average), claims take up to this many jobs beyond the free
+    /// slots, to start as slots free up. 0: strict priority order, at the
+    /// price of a claim's round trip between batches. Default 100.
+    pub claim_ahead: usize,
     /// Retries after the first attempt (max attempts = retry_limit + 1).
     /// Default 2.
     pub retry_limit: u32,
@@ -335,6 +340,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             concurrency: 10,
+            claim_ahead: 100,
             retry_limit: 2,
             retry_delay: Duration::from_secs(1),
             retry_backoff: true,

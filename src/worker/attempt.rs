@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::completer::{Ack, AckSender, Outcome};
+use super::runway::{Ready, Runway};
 use crate::handler::{HandlerResult, JobContext, JobError, SharedHandler};
 use crate::job::Job;
 use crate::metrics::QueueMetrics;
@@ -28,53 +29,71 @@ use crate::wakeup::RunningJobs;
 /// its future is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
-/// Everything an attempt needs, moved into its task.
+/// A concurrency slot's task: runs its first job, then, while the runway
+/// holds jobs claimed ahead, the next one, and frees the slot when none is
+/// left.
 pub struct Attempt {
-    pub job: Job,
     /// The queue's name and metric handles, shared by its attempts.
     pub queue: Arc<str>,
     pub metrics: Arc<QueueMetrics>,
-    pub lease_left: Duration,
     pub handler: SharedHandler,
     pub acks: AckSender,
     /// Fires when shutdown's grace period is over: stop and release.
     pub abort: CancellationToken,
-    /// The concurrency slot; freed once the outcome is handed to the completer.
+    /// The concurrency slot; freed once the last outcome is handed to the
+    /// completer.
     pub slot: OwnedSemaphorePermit,
     pub slot_freed: Arc<tokio::sync::Notify>,
     /// For progress reports.
     pub pool: deadpool_postgres::Pool,
     /// Where a cancel of this job finds its token.
     pub running: RunningJobs,
+    pub runway: Arc<Runway>,
 }
 
 impl Attempt {
-    pub async fn run(self) {
-        let Attempt {
-            job,
-            queue,
-            metrics,
-            lease_left,
-            handler,
-            acks,
-            abort,
-            slot,
-            slot_freed,
-            pool,
-            running,
-        } = self;
-        let (id, attempt) = (job.id, job.attempt);
+    pub async fn run(self, first: Ready) {
+        let mut next = Some(first);
+        while let Some(ready) = next {
+            let lease_left = ready.lease_left_now();
+            let Ready { job, cancelled, .. } = ready;
+            let (id, attempt) = (job.id, job.attempt);
+            let outcome = match lease_left {
+                _ if cancelled.is_cancelled() && !self.abort.is_cancelled() => {
+                    // Cancelled while on the runway: the job is no longer
+                    // active, so this ack is ignored, as a running one's is.
+                    Outcome::Failed(JobError::new("cancelled before it started"))
+                }
+                // Waited too long on the runway: claimed again, it gets a
+                // whole lease.
+                None => Outcome::Released,
+                Some(lease_left) => self.run_handler(job, lease_left, &cancelled).await,
+            };
+            self.running.remove(id);
+            self.acknowledge(id, attempt, outcome).await;
+            next = self.runway.next();
+        }
+        drop(self.slot);
+        self.slot_freed.notify_one();
+    }
+
+    async fn run_handler(
+        &self,
+        job: Job,
+        lease_left: Duration,
+        cancelled: &CancellationToken,
+    ) -> Outcome {
         let pickup = (job.started_at - job.run_at.max(job.created_at))
             .to_std()
             .unwrap_or_default();
-        metrics.pickup_latency.record(pickup.as_secs_f64());
+        self.metrics.pickup_latency.record(pickup.as_secs_f64());
 
-        let cancelled = abort.child_token();
-        running.insert(id, cancelled.clone());
-        let ctx = JobContext::for_attempt(cancelled.clone(), pool, id, attempt);
+        let (id, attempt) = (job.id, job.attempt);
+        let ctx = JobContext::for_attempt(cancelled.clone(), self.pool.clone(), id, attempt);
         let started = Instant::now();
         let lease_end = started + lease_left;
-        let mut run = pin!(AssertUnwindSafe(handler.handle(job, ctx)).catch_unwind());
+        let abort = &self.abort;
+        let mut run = pin!(AssertUnwindSafe(self.handler.handle(job, ctx)).catch_unwind());
         // Biased, shutdown first: the handler sees `abort` through its child
         // token in the same poll, and must not turn the shutdown into a
         // failed attempt by returning before this select notices it.
@@ -111,28 +130,31 @@ impl Attempt {
                 Outcome::Failed(JobError::new("cancelled while running"))
             }
         };
-        running.remove(id);
-        metrics.run_duration.record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.metrics.run_duration.record(took.as_secs_f64());
+        self.runway.record_run(took);
         if let Outcome::Failed(error) = &outcome {
-            warn!(queue = %queue, job_id = id, attempt, error = %error, retry = ?error.retry(),
-                  "job attempt failed");
+            warn!(queue = %self.queue, job_id = id, attempt, error = %error,
+                  retry = ?error.retry(), "job attempt failed");
         }
+        outcome
+    }
+
+    async fn acknowledge(&self, id: i64, attempt: i32, outcome: Outcome) {
         let ack = Ack {
-            queue,
-            metrics,
+            queue: self.queue.clone(),
+            metrics: self.metrics.clone(),
             id,
             attempt,
             outcome,
         };
-        if acks.send(ack).await.is_err() {
+        if self.acks.send(ack).await.is_err() {
             // Only possible if the completer died; the lease rescues the job.
             warn!(
                 job_id = id,
                 "completer gone; job will be rescued after its lease"
             );
         }
-        drop(slot);
-        slot_freed.notify_one();
     }
 }
 

@@ -14,13 +14,14 @@
 
 pub mod attempt;
 pub mod completer;
+pub mod runway;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +33,8 @@ use crate::metrics::QueueMetrics;
 use crate::store::{self, SleepOn};
 use crate::wakeup::{QueueWakeup, RunningJobs};
 use attempt::Attempt;
-use completer::AckSender;
+use completer::{Ack, AckSender, Outcome};
+use runway::{Ready, Runway};
 
 /// Counters a queue worker keeps; tests and metrics read them.
 #[derive(Debug, Default)]
@@ -102,6 +104,9 @@ pub struct QueueWorker {
     pub sleeper: Option<Sleeper>,
     /// The queue's policy lets a claim take only one job (singleton, stately).
     pub one_per_claim: bool,
+    /// Jobs a claim may take beyond the free slots while the queue is
+    /// saturated and handlers are quick ([`runway`]); 0 for none.
+    pub claim_ahead: usize,
 }
 
 /// Why the worker woke up; logged at debug.
@@ -112,6 +117,8 @@ enum Wake {
     Poll,
     Timer,
     SlotFreed,
+    /// The jobs claimed ahead are running out.
+    RunwayLow,
     /// Just armed: one more look before sleeping.
     Recheck,
     /// Time to arm again: inserts in flight may have settled, or the
@@ -163,6 +170,13 @@ impl QueueWorker {
     pub async fn run(self, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let slot_freed = Arc::new(Notify::new());
+        // Under singleton and stately a claim takes one job at a time.
+        let ahead = if self.one_per_claim {
+            0
+        } else {
+            self.claim_ahead
+        };
+        let runway = Arc::new(Runway::new(ahead));
         let mut timer: Option<Instant> = None;
         let mut refresh_timer = true;
         let mut more_waiting = false;
@@ -200,7 +214,10 @@ impl QueueWorker {
                         }
                     }
                 }
-                match self.claim_and_start(&slots, &slot_freed, &stop).await {
+                match self
+                    .claim_and_start(&slots, &slot_freed, &runway, &stop)
+                    .await
+                {
                     Ok(claim) => {
                         more_waiting = claim.full;
                         failures = 0;
@@ -277,6 +294,7 @@ impl QueueWorker {
                 _ = stop.cancelled() => break,
                 _ = self.wakeup.notified() => Wake::Notified,
                 _ = slot_freed.notified(), if more_waiting => Wake::SlotFreed,
+                _ = runway.ran_low(), if more_waiting => Wake::RunwayLow,
                 _ = tokio::time::sleep_until(deadline) => deadline_reason,
             };
             self.stats.waiting.store(false, Ordering::Relaxed);
@@ -292,6 +310,7 @@ impl QueueWorker {
         }
         self.stats.waiting.store(false, Ordering::Relaxed);
         self.wake_up(waiting);
+        self.give_back(runway.close()).await;
     }
 
     /// Claims up to the free slots, again while claims come back full and
@@ -301,6 +320,7 @@ impl QueueWorker {
         &self,
         slots: &Arc<Semaphore>,
         slot_freed: &Arc<Notify>,
+        runway: &Arc<Runway>,
         stop: &CancellationToken,
     ) -> Result<Claim, Box<dyn std::error::Error + Send + Sync>> {
         let mut any = false;
@@ -308,16 +328,27 @@ impl QueueWorker {
             if stop.is_cancelled() {
                 return Ok(Claim { full: false, any });
             }
+            // Jobs claimed ahead go first, on slots freed while a claim was
+            // out (attempts take them otherwise).
+            while !runway.is_empty() {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let Some(ready) = runway.next() else { break };
+                self.start(ready, slot, slot_freed, runway);
+            }
             let free = slots.available_permits();
-            if free == 0 {
+            let room = runway.room();
+            if free + room == 0 {
                 return Ok(Claim { full: true, any });
             }
             let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32) else {
                 return Ok(Claim { full: true, any });
             };
+            let limit = free + room;
             let claimed = {
                 let client = self.pool.get().await?;
-                store::claim_jobs(&client, &self.queue, free, self.one_per_claim).await?
+                store::claim_jobs(&client, &self.queue, limit, self.one_per_claim).await?
             };
             any |= !claimed.is_empty();
             self.stats.claims.fetch_add(1, Ordering::Relaxed);
@@ -326,25 +357,26 @@ impl QueueWorker {
                 .fetch_add(claimed.len() as u64, Ordering::Relaxed);
             // Under singleton and stately a claim takes one job: go on
             // while one comes back.
-            let full = claimed.len() == free || (self.one_per_claim && !claimed.is_empty());
-            for claim in claimed {
-                let Some(slot) = permits.split(1) else { break };
-                let attempt = Attempt {
+            let full = claimed.len() == limit || (self.one_per_claim && !claimed.is_empty());
+            let claimed_at = Instant::now();
+            let mut claimed = claimed.into_iter().map(|claim| {
+                // Registered now, so a cancel finds jobs on the runway too.
+                let cancelled = self.abort.child_token();
+                self.running.insert(claim.job.id, cancelled.clone());
+                Ready {
                     job: claim.job,
-                    queue: self.queue.clone(),
-                    metrics: self.metrics.clone(),
                     lease_left: claim.lease_left,
-                    handler: self.handler.clone(),
-                    acks: self.acks.clone(),
-                    abort: self.abort.clone(),
-                    slot,
-                    slot_freed: slot_freed.clone(),
-                    pool: self.pool.clone(),
-                    running: self.running.clone(),
-                };
-                self.attempts.spawn(attempt.run());
+                    cancelled,
+                    claimed_at,
+                }
+            });
+            while let Some(slot) = permits.split(1) {
+                let Some(ready) = claimed.next() else { break };
+                self.start(ready, slot, slot_freed, runway);
             }
             drop(permits);
+            let refused = runway.extend(claimed);
+            self.give_back(refused).await;
             if !full {
                 return Ok(Claim { full: false, any });
             }
@@ -375,6 +407,50 @@ impl QueueWorker {
                 _ = stop.cancelled() => return,
                 _ = slot_freed.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Runs a claimed job in its own task, on `slot`.
+    fn start(
+        &self,
+        ready: Ready,
+        slot: OwnedSemaphorePermit,
+        slot_freed: &Arc<Notify>,
+        runway: &Arc<Runway>,
+    ) {
+        let attempt = Attempt {
+            queue: self.queue.clone(),
+            metrics: self.metrics.clone(),
+            handler: self.handler.clone(),
+            acks: self.acks.clone(),
+            abort: self.abort.clone(),
+            slot,
+            slot_freed: slot_freed.clone(),
+            pool: self.pool.clone(),
+            running: self.running.clone(),
+            runway: runway.clone(),
+        };
+        self.attempts.spawn(attempt.run(ready));
+    }
+
+    /// Gives claimed jobs that never started back to their queue, unburned
+    /// (stopping, with jobs left on the runway).
+    async fn give_back(&self, jobs: Vec<Ready>) {
+        for ready in jobs {
+            self.running.remove(ready.job.id);
+            let ack = Ack {
+                queue: self.queue.clone(),
+                metrics: self.metrics.clone(),
+                id: ready.job.id,
+                attempt: ready.job.attempt,
+                outcome: Outcome::Released,
+            };
+            if self.acks.send(ack).await.is_err() {
+                warn!(
+                    job_id = ready.job.id,
+                    "completer gone; job will be rescued after its lease"
+                );
             }
         }
     }

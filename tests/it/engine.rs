@@ -68,8 +68,14 @@ async fn burst_of_1000_rows_is_few_wakeups_and_every_job_runs_once() {
         "notified wakeups: {}",
         stats.notified()
     );
-    // Concurrency 10: at least 100 claims, each of many jobs.
-    assert!(stats.claims() >= 100 && stats.claimed() == 1000);
+    // Concurrency 10 and 100 claimed ahead: a claim takes at most 110 jobs,
+    // and ten on average at least.
+    assert_eq!(stats.claimed(), 1000);
+    assert!(
+        (10..=100).contains(&stats.claims()),
+        "claims: {}",
+        stats.claims()
+    );
     shutdown.cancel();
     running.stopped().await;
 }

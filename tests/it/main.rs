@@ -9,6 +9,7 @@ mod engine;
 mod features;
 mod listener;
 mod policies;
+mod runway;
 mod schema;
 mod shutdown;
 mod support;

@@ -1,0 +1,235 @@
+//! Claiming ahead: jobs claimed beyond the free slots wait for one, in the
+//! bounds set, and are given back (not lost, not run) when the process stops
+//! or the job is cancelled first.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgtasks::config::QueueConfig;
+use pgtasks::{Job, JobContext, Runtime};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{count_state, insert_jobs, wait_for, wait_for_state, TestDb, SECS_10};
+
+/// A handler that records each job it starts; jobs with `{"hold": true}`
+/// then wait for a permit of `gate` (or for their cancel token, and fail),
+/// others return at once.
+fn gated(started: Arc<Mutex<HashSet<i64>>>, gate: Arc<Semaphore>) -> impl pgtasks::Handler {
+    move |job: Job, ctx: JobContext| {
+        let (started, gate) = (started.clone(), gate.clone());
+        async move {
+            started.lock().unwrap().insert(job.id);
+            if job.data["hold"] == true {
+                tokio::select! {
+                    permit = gate.acquire() => permit.map(|p| p.forget())?,
+                    _ = ctx.cancelled().cancelled() => return Err("stopped".into()),
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Starts `queue` at `concurrency` claiming up to `ahead` beyond, runs one
+/// quick job so the worker knows its handlers are quick (if `warm_up`),
+/// then inserts `held` jobs that hold their slots until the gate opens.
+struct Held {
+    client: tokio_postgres::Client,
+    running: pgtasks::Running,
+    shutdown: CancellationToken,
+    started: Arc<Mutex<HashSet<i64>>>,
+    gate: Arc<Semaphore>,
+}
+
+async fn hold_slots(
+    db: &TestDb,
+    concurrency: usize,
+    ahead: usize,
+    warm_up: bool,
+    held: i32,
+) -> Held {
+    let mut config = db.config();
+    config.worker.shutdown_grace = Duration::from_millis(200);
+    let queue = QueueConfig {
+        concurrency,
+        claim_ahead: ahead,
+        ..QueueConfig::default()
+    };
+    let started = Arc::new(Mutex::new(HashSet::new()));
+    let gate = Arc::new(Semaphore::new(0));
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .queue("ahead", queue, gated(started.clone(), gate.clone()))
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let client = db.client().await;
+    if warm_up {
+        insert_jobs(&client, "ahead", 1).await;
+        wait_for_state(&client, "completed", 1, SECS_10).await;
+    }
+    client
+        .execute(
+            "INSERT INTO pgtasks.job (queue, data)
+             SELECT 'ahead', jsonb_build_object('hold', true, 'n', i) FROM generate_series(1, $1) i",
+            &[&held],
+        )
+        .await
+        .unwrap();
+    Held {
+        client,
+        running,
+        shutdown,
+        started,
+        gate,
+    }
+}
+
+impl Held {
+    /// Waits until `n` jobs have started, the warm-up included.
+    async fn started(&self, n: usize) {
+        let started = self.started.clone();
+        wait_for(&format!("{n} jobs started"), SECS_10, || {
+            let started = started.clone();
+            async move { (started.lock().unwrap().len() == n).then_some(()) }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn jobs_claimed_ahead_wait_for_a_slot_and_are_given_back_at_shutdown() {
+    let db = TestDb::new().await;
+    let held = hold_slots(&db, 2, 5, true, 20).await;
+    // Two running, five claimed ahead: one claim of free slots plus five.
+    wait_for_state(&held.client, "active", 7, SECS_10).await;
+    held.started(3).await;
+    assert_eq!(count_state(&held.client, "active").await, 7);
+
+    held.shutdown.cancel();
+    tokio::time::timeout(SECS_10, held.running.stopped())
+        .await
+        .expect("stopped within its grace period");
+    assert_eq!(
+        held.started.lock().unwrap().len(),
+        3,
+        "the five waiting never ran"
+    );
+    let rows = held
+        .client
+        .query(
+            "SELECT count(*), count(*) FILTER (WHERE attempt = 0 AND lease_until IS NULL)
+               FROM pgtasks.job WHERE state = 'created' AND data ? 'hold'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        20,
+        "every held job is available again"
+    );
+    assert_eq!(rows[0].get::<_, i64>(1), 20, "with its attempt unburned");
+}
+
+#[tokio::test]
+async fn a_queue_claims_no_more_than_its_slots_until_its_handlers_prove_quick() {
+    let db = TestDb::new().await;
+    let held = hold_slots(&db, 2, 5, false, 20).await;
+    // No handler has finished yet: its speed is unknown.
+    held.started(2).await;
+    assert_eq!(count_state(&held.client, "active").await, 2);
+    held.shutdown.cancel();
+    held.running.stopped().await;
+    assert_eq!(count_state(&held.client, "created").await, 20);
+}
+
+#[tokio::test]
+async fn jobs_claimed_ahead_run_in_claim_order_as_slots_free_up() {
+    let db = TestDb::new().await;
+    let held = hold_slots(&db, 1, 3, true, 4).await;
+    wait_for_state(&held.client, "active", 4, SECS_10).await;
+    held.started(2).await;
+
+    // One job finishes: its slot takes the oldest job claimed ahead.
+    held.gate.add_permits(1);
+    held.started(3).await;
+    let order: Vec<i64> = held
+        .client
+        .query(
+            "SELECT id FROM pgtasks.job WHERE data ? 'hold' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    {
+        let started = held.started.lock().unwrap();
+        assert!(started.contains(&order[0]) && started.contains(&order[1]));
+    }
+    held.gate.add_permits(3);
+    wait_for_state(&held.client, "completed", 5, SECS_10).await;
+    held.shutdown.cancel();
+    held.running.stopped().await;
+}
+
+#[tokio::test]
+async fn a_job_cancelled_while_claimed_ahead_never_runs() {
+    let db = TestDb::new().await;
+    let held = hold_slots(&db, 1, 3, true, 4).await;
+    wait_for_state(&held.client, "active", 4, SECS_10).await;
+    held.started(2).await;
+    let waiting: i64 = held
+        .client
+        .query_one(
+            "SELECT max(id) FROM pgtasks.job WHERE data ? 'hold' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!held.started.lock().unwrap().contains(&waiting));
+    let cancelled: String = held
+        .client
+        .query_one("SELECT pgtasks.cancel_job($1)::text", &[&waiting])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cancelled, "active");
+    // The listener handles notifications in order: once it has seen one sent
+    // after the cancel, the cancel has reached the job's token.
+    let wakeup = held.running.wakeup("ahead").unwrap();
+    let seen = wakeup.notifications();
+    held.client
+        .execute("SELECT pg_notify('pgtasks.ahead', '')", &[])
+        .await
+        .unwrap();
+    wait_for("a notification sent after the cancel", SECS_10, || async {
+        (wakeup.notifications() > seen).then_some(())
+    })
+    .await;
+
+    held.gate.add_permits(4);
+    // The warm-up job and the three others.
+    wait_for_state(&held.client, "completed", 4, SECS_10).await;
+    assert!(
+        !held.started.lock().unwrap().contains(&waiting),
+        "a cancelled job ran"
+    );
+    let state: String = held
+        .client
+        .query_one(
+            "SELECT state::text FROM pgtasks.job WHERE id = $1",
+            &[&waiting],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "cancelled");
+    held.shutdown.cancel();
+    held.running.stopped().await;
+}
