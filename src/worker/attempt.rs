@@ -1,6 +1,6 @@
-//! One attempt of one job: run the handler under its lease, turn the result
-//! (or a panic, or the lease running out, or shutdown, or a cancel) into an
-//! [`Ack`].
+//! Attempts: run the handler under the job's lease, turn the result (or a
+//! panic, or the lease running out, or shutdown, or a cancel) into an
+//! [`Ack`]; then the next job claimed ahead, on the same slot.
 //!
 //! A handler error carries its retry decision ([`JobError`]) to the
 //! completer. After the lease ran out an error is a failed attempt under the

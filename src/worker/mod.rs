@@ -9,8 +9,10 @@
 //! wakeup from the listener (or the completer), the slow poll, its timer for
 //! the queue's next future `run_at`, or a freed slot while the last claim
 //! suggested more work is waiting. It claims up to its free slots in one
-//! statement; while claims come back full, it claims again as soon as its
-//! slots are free again (or `GATHER_MAX` after the first is).
+//! statement, plus up to `claim_ahead` jobs for its [`runway`] while the
+//! queue is saturated and handlers are quick; while claims come back full,
+//! it claims again when the runway runs low, or as soon as its slots are
+//! free again (or `GATHER_MAX` after the first is).
 
 pub mod attempt;
 pub mod completer;
