@@ -460,6 +460,90 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
 }
 
 #[tokio::test]
+async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_liveness_check() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let mut config = db.config();
+    config.api.host = "127.0.0.1".into();
+    config.api.port = 0;
+    config.worker.listener_check_interval = Duration::from_millis(200);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler_gate = gate.clone();
+    let handler = move |_job: Job, _ctx: JobContext| {
+        let gate = handler_gate.clone();
+        async move {
+            gate.acquire().await.unwrap().forget();
+            Ok(None)
+        }
+    };
+    let (running, shutdown, base) = serve_readme_queue(config, handler).await;
+
+    // A statement finishing jobs without announcing them is in flight: it
+    // holds the lock exclusively until it commits.
+    let finishing = db.client().await;
+    finishing
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(pgtasks.done_waiter_lock_key())")
+        .await
+        .unwrap();
+    let id = insert_job(&client, "readme-queue", json!({})).await;
+    let waiting = tokio::spawn(async move {
+        reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    // The sleep connection asks for the lock, gives up (after 100 ms), and
+    // the request waits without it.
+    let asking = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                   WHERE a.application_name = 'pgtasks-sleeper' AND a.datname = current_database()
+                     AND l.locktype = 'advisory' AND NOT l.granted";
+    wait_for(
+        "the sleep connection to ask for the lock",
+        SECS_10,
+        || async {
+            (client
+                .query_one(asking, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("the sleep connection to give up", SECS_10, || async {
+        (client
+            .query_one(asking, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0)
+            .then_some(())
+    })
+    .await;
+    assert!(!holds_done_lock(&client).await);
+
+    // Once the statement ends, the liveness check takes the lock for the
+    // request still waiting.
+    finishing.batch_execute("COMMIT").await.unwrap();
+    wait_for("the done-waiter lock", SECS_10, || async {
+        holds_done_lock(&client).await.then_some(())
+    })
+    .await;
+    gate.add_permits(1);
+    let body = waiting.await.unwrap();
+    assert_eq!(body["job"]["state"], "completed", "{body}");
+    wait_for("the done-waiter lock to go", SECS_10, || async {
+        (!holds_done_lock(&client).await).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+#[tokio::test]
 async fn get_with_wait_returns_as_soon_as_the_job_finishes() {
     let db = TestDb::new().await;
     let mut config = db.config();
