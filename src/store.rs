@@ -324,7 +324,7 @@ pub async fn claim_jobs(
     let statement = client.prepare_cached(sql).await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = client.query(&statement, &[&queue, &limit]).await?;
-    Ok(rows
+    let mut claimed: Vec<Claimed> = rows
         .iter()
         .map(|row| Claimed {
             job: Job {
@@ -341,7 +341,10 @@ pub async fn claim_jobs(
             },
             lease_left: secs_to_duration(row.get(9)),
         })
-        .collect())
+        .collect();
+    // RETURNING follows no order: start them in the order they were chosen.
+    claimed.sort_by_key(|c| (std::cmp::Reverse(c.job.priority), c.job.run_at, c.job.id));
+    Ok(claimed)
 }
 
 /// Where a worker about to sleep stands, from `pgtasks.sleep_on` (schema

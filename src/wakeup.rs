@@ -25,6 +25,9 @@ pub struct QueueWakeup {
     /// Set when the sleep connection (re)connected: any sleep locks the
     /// worker held went with the old session.
     sleep_lost: AtomicBool,
+    /// Set when the listener (re)connected: cancels sent meanwhile were
+    /// not heard, so jobs claimed ahead are given back rather than started.
+    listen_lost: AtomicBool,
 }
 
 impl QueueWakeup {
@@ -60,6 +63,11 @@ impl QueueWakeup {
         self.sleep_lost.swap(false, Ordering::Relaxed)
     }
 
+    /// Reads and clears the flag that notifications may have been missed.
+    pub fn take_listen_lost(&self) -> bool {
+        self.listen_lost.swap(false, Ordering::Relaxed)
+    }
+
     /// Reads and clears the schedule flag.
     pub fn take_schedule_changed(&self) -> bool {
         self.schedule_changed.swap(false, Ordering::Relaxed)
@@ -75,25 +83,34 @@ impl QueueWakeup {
 /// (`pgtasks:cancel` notifications) reaches the handler's token.
 #[derive(Debug, Default, Clone)]
 pub struct RunningJobs {
-    tokens: Arc<Mutex<HashMap<i64, CancellationToken>>>,
+    /// By job id: the attempt and its token. A job given back and claimed
+    /// again while its old attempt still waits to be dropped has two; the
+    /// newer wins, and only its own end removes it.
+    tokens: Arc<Mutex<HashMap<i64, (i32, CancellationToken)>>>,
 }
 
 impl RunningJobs {
-    pub fn insert(&self, id: i64, token: CancellationToken) {
+    pub fn insert(&self, id: i64, attempt: i32, token: CancellationToken) {
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(id, token);
+            tokens.insert(id, (attempt, token));
         }
     }
 
-    pub fn remove(&self, id: i64) {
+    pub fn remove(&self, id: i64, attempt: i32) {
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.remove(&id);
+            if tokens.get(&id).is_some_and(|(a, _)| *a == attempt) {
+                tokens.remove(&id);
+            }
         }
     }
 
     /// Fires the job's token if it runs here; true when it did.
     pub fn cancel(&self, id: i64) -> bool {
-        let token = self.tokens.lock().ok().and_then(|t| t.get(&id).cloned());
+        let token = self
+            .tokens
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&id).map(|(_, token)| token.clone()));
         token.map(|t| t.cancel()).is_some()
     }
 }
@@ -225,6 +242,7 @@ impl Wakeups {
     /// are gone, so every queue looks again, timers included.
     pub fn wake_all(&self) {
         for wakeup in self.queues.values() {
+            wakeup.listen_lost.store(true, Ordering::Relaxed);
             wakeup.schedule_changed();
         }
     }
@@ -253,4 +271,22 @@ pub const CHANNEL_PREFIX: &str = "pgtasks.";
 
 pub fn channel_name(queue: &str) -> String {
     format!("{CHANNEL_PREFIX}{queue}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_an_older_attempt_leaves_a_newer_ones_token() {
+        let running = RunningJobs::default();
+        let (old, new) = (CancellationToken::new(), CancellationToken::new());
+        running.insert(7, 1, old.clone());
+        running.insert(7, 2, new.clone());
+        running.remove(7, 1);
+        assert!(running.cancel(7));
+        assert!(new.is_cancelled() && !old.is_cancelled());
+        running.remove(7, 2);
+        assert!(!running.cancel(7));
+    }
 }

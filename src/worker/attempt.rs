@@ -69,7 +69,7 @@ impl Attempt {
                 None => Outcome::Released,
                 Some(lease_left) => self.run_handler(job, lease_left, &cancelled).await,
             };
-            self.running.remove(id);
+            self.running.remove(id, attempt);
             self.acknowledge(id, attempt, outcome).await;
             next = self.runway.next();
         }

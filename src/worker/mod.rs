@@ -121,6 +121,8 @@ enum Wake {
     SlotFreed,
     /// The jobs claimed ahead are running out.
     RunwayLow,
+    /// A job claimed ahead has waited too long.
+    RunwayStale,
     /// Just armed: one more look before sleeping.
     Recheck,
     /// Time to arm again: inserts in flight may have settled, or the
@@ -194,6 +196,13 @@ impl QueueWorker {
             if self.wakeup.take_sleep_lost() {
                 // A new sleep session: locks held before went with the old.
                 waiting = Waiting::No;
+            }
+            if self.wakeup.take_listen_lost() {
+                // Cancels sent while the listener was away were not heard.
+                self.give_back(runway.take_all()).await;
+            }
+            if reason == Wake::RunwayStale {
+                self.give_back(runway.take_stale()).await;
             }
             // Arming again after an unsettled answer also claims: inserts
             // did not notify meanwhile (nothing was held), and at a steady
@@ -290,17 +299,22 @@ impl QueueWorker {
                     (deadline, deadline_reason) = (settle_at, Wake::Settle);
                 }
             }
+            let stale_at = runway.stale_at();
+            // Jobs on the runway and a free slot: the slot's attempt ended
+            // just before they came, and only this worker can start them.
+            let runway_waits = !runway.is_empty();
             // Every arm is cancel-safe: Notify keeps an unconsumed permit.
             reason = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = self.wakeup.notified() => Wake::Notified,
-                _ = slot_freed.notified(), if more_waiting => Wake::SlotFreed,
+                _ = slot_freed.notified(), if more_waiting || runway_waits => Wake::SlotFreed,
                 _ = runway.ran_low(), if more_waiting => Wake::RunwayLow,
+                _ = sleep_until_some(stale_at), if stale_at.is_some() => Wake::RunwayStale,
                 _ = tokio::time::sleep_until(deadline) => deadline_reason,
             };
             self.stats.waiting.store(false, Ordering::Relaxed);
-            if reason == Wake::SlotFreed {
+            if reason == Wake::SlotFreed && runway.is_empty() {
                 self.gather_free_slots(&slots, &slot_freed, &stop).await;
             }
             if matches!(reason, Wake::Timer | Wake::Poll) {
@@ -330,15 +344,7 @@ impl QueueWorker {
             if stop.is_cancelled() {
                 return Ok(Claim { full: false, any });
             }
-            // Jobs claimed ahead go first, on slots freed while a claim was
-            // out (attempts take them otherwise).
-            while !runway.is_empty() {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                let Some(ready) = runway.next() else { break };
-                self.start(ready, slot, slot_freed, runway);
-            }
+            self.start_waiting(slots, slot_freed, runway);
             let free = slots.available_permits();
             let room = runway.room();
             if free + room == 0 {
@@ -364,7 +370,8 @@ impl QueueWorker {
             let mut claimed = claimed.into_iter().map(|claim| {
                 // Registered now, so a cancel finds jobs on the runway too.
                 let cancelled = self.abort.child_token();
-                self.running.insert(claim.job.id, cancelled.clone());
+                self.running
+                    .insert(claim.job.id, claim.job.attempt, cancelled.clone());
                 Ready {
                     job: claim.job,
                     lease_left: claim.lease_left,
@@ -379,6 +386,9 @@ impl QueueWorker {
             drop(permits);
             let refused = runway.extend(claimed);
             self.give_back(refused).await;
+            // Slots freed since the claim was sent would otherwise wait for
+            // the worker's next wakeup.
+            self.start_waiting(slots, slot_freed, runway);
             if !full {
                 return Ok(Claim { full: false, any });
             }
@@ -413,6 +423,23 @@ impl QueueWorker {
         }
     }
 
+    /// Starts jobs claimed ahead on free slots. Attempts take them as they
+    /// finish; slots freed while a claim was out have none to do so.
+    fn start_waiting(
+        &self,
+        slots: &Arc<Semaphore>,
+        slot_freed: &Arc<Notify>,
+        runway: &Arc<Runway>,
+    ) {
+        while !runway.is_empty() {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some(ready) = runway.next() else { break };
+            self.start(ready, slot, slot_freed, runway);
+        }
+    }
+
     /// Runs a claimed job in its own task, on `slot`.
     fn start(
         &self,
@@ -440,7 +467,7 @@ impl QueueWorker {
     /// (stopping, with jobs left on the runway).
     async fn give_back(&self, jobs: Vec<Ready>) {
         for ready in jobs {
-            self.running.remove(ready.job.id);
+            self.running.remove(ready.job.id, ready.job.attempt);
             let ack = Ack {
                 queue: self.queue.clone(),
                 metrics: self.metrics.clone(),
@@ -494,6 +521,14 @@ impl QueueWorker {
         let client = self.pool.get().await?;
         let next = store::next_run_in(&client, &self.queue).await?;
         Ok(next.map(|d| Instant::now() + d + Duration::from_millis(1)))
+    }
+}
+
+/// Sleeps until `at`, or for ever when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

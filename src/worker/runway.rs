@@ -8,11 +8,14 @@
 //! than its free slots; they wait here, and an attempt that finishes takes the next one
 //! itself, in claim order, without going back to the worker.
 //!
-//! A job waiting here is claimed (its lease runs), so it must not wait long:
-//! the worker claims ahead only while handlers take under [`QUICK_RUN`] on
-//! average, a job that waited more than half its lease is given back rather
-//! than run, and stopping gives back every waiting job. Each job's cancel
-//! token is registered when it is claimed, so a cancel reaches it here too.
+//! A job waiting here is claimed (its lease runs, other instances cannot
+//! take it), so it must not wait long: the worker claims ahead only while
+//! handlers take under [`QUICK_RUN`] on average; a job that waited longer
+//! than [`MAX_WAIT`] (or half its lease) is given back, by the worker's
+//! timer or by the slot that takes it, and claiming ahead stops until a
+//! handler finishes again; stopping, and a listener reconnect (cancels may
+//! have been missed), give back every waiting job. Each job's cancel token is
+//! registered when it is claimed, so a cancel reaches it here too.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,10 @@ use crate::job::Job;
 /// Claim ahead only while handlers run this long or less, on average.
 pub const QUICK_RUN: Duration = Duration::from_millis(5);
 
+/// Longest wait on the runway (shorter if half the lease is): quick
+/// handlers take a full runway in well under a second.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
 const UNKNOWN: u64 = u64::MAX;
 
 /// A claimed job not yet started.
@@ -41,10 +48,19 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// The lease left now; `None` once half of it went by waiting here.
+    /// The lease left now; `None` once it waited too long (see [`MAX_WAIT`]).
     pub fn lease_left_now(&self) -> Option<Duration> {
         let waited = self.claimed_at.elapsed();
-        (waited <= self.lease_left / 2).then(|| self.lease_left - waited)
+        (waited <= self.max_wait()).then(|| self.lease_left - waited)
+    }
+
+    fn max_wait(&self) -> Duration {
+        MAX_WAIT.min(self.lease_left / 2)
+    }
+
+    /// When it will have waited too long.
+    fn stale_at(&self) -> Instant {
+        self.claimed_at + self.max_wait()
     }
 }
 
@@ -112,10 +128,47 @@ impl Runway {
             let next = inner.jobs.pop_front()?;
             (next, inner.jobs.len())
         };
+        if next.lease_left_now().is_none() {
+            self.waited_too_long();
+        }
         if left <= self.capacity / 2 {
             self.low.notify_one();
         }
         Some(next)
+    }
+
+    /// When the oldest job will have waited too long.
+    pub fn stale_at(&self) -> Option<Instant> {
+        self.lock().jobs.front().map(Ready::stale_at)
+    }
+
+    /// The jobs that waited too long, to be given back.
+    pub fn take_stale(&self) -> Vec<Ready> {
+        let now = Instant::now();
+        let stale: Vec<Ready> = {
+            let mut inner = self.lock();
+            let n = inner
+                .jobs
+                .iter()
+                .take_while(|r| r.stale_at() <= now)
+                .count();
+            inner.jobs.drain(..n).collect()
+        };
+        if !stale.is_empty() {
+            self.waited_too_long();
+        }
+        stale
+    }
+
+    /// Every waiting job, to be given back; the runway stays open.
+    pub fn take_all(&self) -> Vec<Ready> {
+        self.lock().jobs.drain(..).collect()
+    }
+
+    /// Handlers are not quick after all (they may be stuck, and have not
+    /// finished to say so): no claiming ahead until one finishes.
+    fn waited_too_long(&self) {
+        self.average_run_us.store(UNKNOWN, Ordering::Relaxed);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -179,15 +232,46 @@ mod tests {
     }
 
     #[test]
-    fn a_job_that_waited_half_its_lease_is_not_run() {
+    fn a_job_that_waited_too_long_is_not_run() {
         let lease = Duration::from_secs(60);
-        let left = ready(lease, Duration::from_secs(20))
+        let left = ready(lease, Duration::from_secs(4))
             .lease_left_now()
             .unwrap();
-        assert!(left <= Duration::from_secs(40) && left > Duration::from_secs(39));
-        assert!(ready(lease, Duration::from_secs(31))
+        assert!(left <= Duration::from_secs(56) && left > Duration::from_secs(55));
+        assert!(ready(lease, Duration::from_secs(6))
             .lease_left_now()
             .is_none());
+        // Half a short lease is less than MAX_WAIT.
+        let lease = Duration::from_secs(4);
+        assert!(ready(lease, Duration::from_millis(1500))
+            .lease_left_now()
+            .is_some());
+        assert!(ready(lease, Duration::from_millis(2100))
+            .lease_left_now()
+            .is_none());
+    }
+
+    #[test]
+    fn stale_jobs_are_taken_oldest_first_and_stop_claiming_ahead() {
+        let runway = Runway::new(10);
+        runway.record_run(Duration::from_micros(200));
+        let lease = Duration::from_secs(60);
+        runway.extend([
+            ready(lease, Duration::from_secs(7)),
+            ready(lease, Duration::from_secs(6)),
+            ready(lease, Duration::from_secs(1)),
+        ]);
+        assert!(runway.stale_at().unwrap() <= Instant::now());
+        assert_eq!(runway.take_stale().len(), 2);
+        assert_eq!(
+            runway.room(),
+            0,
+            "no claiming ahead until a handler finishes"
+        );
+        assert!(runway.stale_at().unwrap() > Instant::now());
+        assert_eq!(runway.take_all().len(), 1);
+        runway.record_run(Duration::from_micros(200));
+        assert_eq!(runway.room(), 10);
     }
 
     #[test]

@@ -32,9 +32,11 @@ fn gated(started: Arc<Mutex<HashSet<i64>>>, gate: Arc<Semaphore>) -> impl pgtask
     }
 }
 
-/// Starts `queue` at `concurrency` claiming up to `ahead` beyond, runs one
-/// quick job so the worker knows its handlers are quick (if `warm_up`),
-/// then inserts `held` jobs that hold their slots until the gate opens.
+/// Starts `queue` at `concurrency` claiming up to `ahead` beyond (with the
+/// default lease, or `lease`), runs one quick job so the worker knows its
+/// handlers are quick (if `warm_up`), then inserts `held` jobs that hold
+/// their slots until the gate opens, the `n`th of priority `n` if
+/// `rising_priority` (else 0).
 struct Held {
     client: tokio_postgres::Client,
     running: pgtasks::Running,
@@ -43,20 +45,39 @@ struct Held {
     gate: Arc<Semaphore>,
 }
 
-async fn hold_slots(
-    db: &TestDb,
+struct Setup {
     concurrency: usize,
     ahead: usize,
+    lease: Option<Duration>,
     warm_up: bool,
     held: i32,
-) -> Held {
+    rising_priority: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            concurrency: 1,
+            ahead: 3,
+            lease: None,
+            warm_up: true,
+            held: 4,
+            rising_priority: false,
+        }
+    }
+}
+
+async fn hold_slots(db: &TestDb, setup: Setup) -> Held {
     let mut config = db.config();
     config.worker.shutdown_grace = Duration::from_millis(200);
-    let queue = QueueConfig {
-        concurrency,
-        claim_ahead: ahead,
+    let mut queue = QueueConfig {
+        concurrency: setup.concurrency,
+        claim_ahead: setup.ahead,
         ..QueueConfig::default()
     };
+    if let Some(lease) = setup.lease {
+        queue.lease = lease;
+    }
     let started = Arc::new(Mutex::new(HashSet::new()));
     let gate = Arc::new(Semaphore::new(0));
     let shutdown = CancellationToken::new();
@@ -66,15 +87,16 @@ async fn hold_slots(
         .await
         .unwrap();
     let client = db.client().await;
-    if warm_up {
+    if setup.warm_up {
         insert_jobs(&client, "ahead", 1).await;
         wait_for_state(&client, "completed", 1, SECS_10).await;
     }
     client
         .execute(
-            "INSERT INTO pgtasks.job (queue, data)
-             SELECT 'ahead', jsonb_build_object('hold', true, 'n', i) FROM generate_series(1, $1) i",
-            &[&held],
+            "INSERT INTO pgtasks.job (queue, data, priority)
+             SELECT 'ahead', jsonb_build_object('hold', true, 'n', i), CASE WHEN $2 THEN i ELSE 0 END
+               FROM generate_series(1, $1) i",
+            &[&setup.held, &setup.rising_priority],
         )
         .await
         .unwrap();
@@ -102,7 +124,16 @@ impl Held {
 #[tokio::test]
 async fn jobs_claimed_ahead_wait_for_a_slot_and_are_given_back_at_shutdown() {
     let db = TestDb::new().await;
-    let held = hold_slots(&db, 2, 5, true, 20).await;
+    let held = hold_slots(
+        &db,
+        Setup {
+            concurrency: 2,
+            ahead: 5,
+            held: 20,
+            ..Setup::default()
+        },
+    )
+    .await;
     // Two running, five claimed ahead: one claim of free slots plus five.
     wait_for_state(&held.client, "active", 7, SECS_10).await;
     held.started(3).await;
@@ -137,7 +168,17 @@ async fn jobs_claimed_ahead_wait_for_a_slot_and_are_given_back_at_shutdown() {
 #[tokio::test]
 async fn a_queue_claims_no_more_than_its_slots_until_its_handlers_prove_quick() {
     let db = TestDb::new().await;
-    let held = hold_slots(&db, 2, 5, false, 20).await;
+    let held = hold_slots(
+        &db,
+        Setup {
+            concurrency: 2,
+            ahead: 5,
+            warm_up: false,
+            held: 20,
+            ..Setup::default()
+        },
+    )
+    .await;
     // No handler has finished yet: its speed is unknown.
     held.started(2).await;
     assert_eq!(count_state(&held.client, "active").await, 2);
@@ -147,19 +188,27 @@ async fn a_queue_claims_no_more_than_its_slots_until_its_handlers_prove_quick() 
 }
 
 #[tokio::test]
-async fn jobs_claimed_ahead_run_in_claim_order_as_slots_free_up() {
+async fn jobs_claimed_ahead_run_in_priority_order_as_slots_free_up() {
     let db = TestDb::new().await;
-    let held = hold_slots(&db, 1, 3, true, 4).await;
+    let held = hold_slots(
+        &db,
+        Setup {
+            rising_priority: true,
+            ..Setup::default()
+        },
+    )
+    .await;
     wait_for_state(&held.client, "active", 4, SECS_10).await;
     held.started(2).await;
 
-    // One job finishes: its slot takes the oldest job claimed ahead.
+    // The highest priority runs first (later ids, higher priorities); when
+    // it finishes, its slot takes the next in the claim's order.
     held.gate.add_permits(1);
     held.started(3).await;
     let order: Vec<i64> = held
         .client
         .query(
-            "SELECT id FROM pgtasks.job WHERE data ? 'hold' ORDER BY id",
+            "SELECT id FROM pgtasks.job WHERE data ? 'hold' ORDER BY priority DESC, run_at, id",
             &[],
         )
         .await
@@ -170,6 +219,7 @@ async fn jobs_claimed_ahead_run_in_claim_order_as_slots_free_up() {
     {
         let started = held.started.lock().unwrap();
         assert!(started.contains(&order[0]) && started.contains(&order[1]));
+        assert!(!started.contains(&order[2]) && !started.contains(&order[3]));
     }
     held.gate.add_permits(3);
     wait_for_state(&held.client, "completed", 5, SECS_10).await;
@@ -180,7 +230,7 @@ async fn jobs_claimed_ahead_run_in_claim_order_as_slots_free_up() {
 #[tokio::test]
 async fn a_job_cancelled_while_claimed_ahead_never_runs() {
     let db = TestDb::new().await;
-    let held = hold_slots(&db, 1, 3, true, 4).await;
+    let held = hold_slots(&db, Setup::default()).await;
     wait_for_state(&held.client, "active", 4, SECS_10).await;
     held.started(2).await;
     let waiting: i64 = held
@@ -230,6 +280,46 @@ async fn a_job_cancelled_while_claimed_ahead_never_runs() {
         .unwrap()
         .get(0);
     assert_eq!(state, "cancelled");
+    held.shutdown.cancel();
+    held.running.stopped().await;
+}
+
+#[tokio::test]
+async fn jobs_claimed_ahead_that_wait_too_long_are_given_back() {
+    let db = TestDb::new().await;
+    // Half a 4 s lease: jobs claimed ahead wait 2 s at most.
+    let held = hold_slots(
+        &db,
+        Setup {
+            lease: Some(Duration::from_secs(4)),
+            ..Setup::default()
+        },
+    )
+    .await;
+    wait_for_state(&held.client, "active", 4, SECS_10).await;
+    held.started(2).await;
+
+    // The running job holds its slot past that: the three waiting are given
+    // back unburned, and not claimed again while handlers seem stuck.
+    let back = "SELECT count(*) FROM pgtasks.job
+                 WHERE data ? 'hold' AND state = 'created' AND attempt = 0";
+    wait_for(
+        "the jobs claimed ahead to be given back",
+        SECS_10,
+        || async {
+            (held
+                .client
+                .query_one(back, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 3)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count_state(&held.client, "active").await, 1);
+    assert_eq!(held.started.lock().unwrap().len(), 2, "none of them ran");
     held.shutdown.cancel();
     held.running.stopped().await;
 }
