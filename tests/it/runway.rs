@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use pgtasks::config::QueueConfig;
 use pgtasks::{Job, JobContext, Runtime};
 use tokio::sync::Semaphore;
@@ -319,6 +320,70 @@ async fn jobs_claimed_ahead_that_wait_too_long_are_given_back() {
     )
     .await;
     assert_eq!(count_state(&held.client, "active").await, 1);
+    assert_eq!(held.started.lock().unwrap().len(), 2, "none of them ran");
+    held.shutdown.cancel();
+    held.running.stopped().await;
+}
+
+#[tokio::test]
+async fn jobs_claimed_ahead_are_given_back_when_the_listener_reconnects() {
+    let db = TestDb::new().await;
+    let held = hold_slots(&db, Setup::default()).await;
+    wait_for_state(&held.client, "active", 4, SECS_10).await;
+    held.started(2).await;
+    let waiting: Vec<(i64, DateTime<Utc>)> = {
+        let started = held.started.lock().unwrap().clone();
+        held.client
+            .query(
+                "SELECT id, started_at FROM pgtasks.job WHERE state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .filter(|(id, _)| !started.contains(id))
+            .collect()
+    };
+    assert_eq!(waiting.len(), 3);
+
+    // Cancels sent while the listener is away are lost: the jobs waiting
+    // could be among them, so they go back rather than start (and are
+    // claimed again: a later claim, unless still waiting to be).
+    let killed: i64 = held
+        .client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    // Well before their 5 s on the runway are up, when the worker's timer
+    // would give them back anyway.
+    let within = Duration::from_secs(3);
+    wait_for(
+        "the jobs claimed ahead to be given back",
+        within,
+        || async {
+            let mut back = 0;
+            for (id, claimed_at) in &waiting {
+                let row = held
+                .client
+                .query_one(
+                    "SELECT state = 'created' OR started_at > $2 FROM pgtasks.job WHERE id = $1",
+                    &[id, claimed_at],
+                )
+                .await
+                .unwrap();
+                back += usize::from(row.get::<_, bool>(0));
+            }
+            (back == waiting.len()).then_some(())
+        },
+    )
+    .await;
     assert_eq!(held.started.lock().unwrap().len(), 2, "none of them ran");
     held.shutdown.cancel();
     held.running.stopped().await;
