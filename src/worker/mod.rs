@@ -347,13 +347,13 @@ impl QueueWorker {
             self.start_waiting(slots, slot_freed, runway);
             let free = slots.available_permits();
             let room = runway.room();
-            if free + room == 0 {
+            if free == 0 && room == 0 {
                 return Ok(Claim { full: true, any });
             }
             let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32) else {
                 return Ok(Claim { full: true, any });
             };
-            let limit = free + room;
+            let limit = free.saturating_add(room);
             let claimed = {
                 let client = self.pool.get().await?;
                 store::claim_jobs(&client, &self.queue, limit, self.one_per_claim).await?
