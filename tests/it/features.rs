@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    count_state, drain_until_sentinel, insert_job, insert_jobs, listen, listening, sleeper_locks,
-    wait_for, wait_for_state, Recorder, TestDb, SECS_10,
+    count, count_state, drain_until_sentinel, insert_job, insert_jobs, listen, listening,
+    sleeper_locks, wait_for, wait_for_state, Recorder, TestDb, SECS_10,
 };
 
 async fn send(client: &tokio_postgres::Client, sql_args: &str) -> (i64, bool) {
@@ -502,25 +502,11 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
     wait_for(
         "the sleep connection to ask for the lock",
         SECS_10,
-        || async {
-            (client
-                .query_one(asking, &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1)
-                .then_some(())
-        },
+        || async { (count(&client, asking).await == 1).then_some(()) },
     )
     .await;
     wait_for("the sleep connection to give up", SECS_10, || async {
-        (client
-            .query_one(asking, &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0)
-            .then_some(())
+        (count(&client, asking).await == 0).then_some(())
     })
     .await;
     assert!(!holds_done_lock(&client).await);

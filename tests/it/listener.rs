@@ -19,16 +19,7 @@ async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
     let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
 
-    let killed: i64 = client
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 1);
+    assert_eq!(crate::support::kill_listener(&client).await, 1);
     // Inserted while the listener is down or reconnecting: its notification
     // may be lost, so the reconnect must wake the queue.
     insert_jobs(&client, "readme-queue", 1).await;

@@ -12,7 +12,9 @@ use pgtasks::{Job, JobContext, Runtime};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{count_state, insert_jobs, wait_for, wait_for_state, TestDb, SECS_10};
+use crate::support::{
+    count, count_state, insert_jobs, kill_listener, wait_for, wait_for_state, TestDb, SECS_10,
+};
 
 /// A handler that records each job it starts; jobs with `{"hold": true}`
 /// then wait for a permit of `gate` (or for their cancel token, and fail),
@@ -111,6 +113,19 @@ async fn hold_slots(db: &TestDb, setup: Setup) -> Held {
 }
 
 impl Held {
+    /// Waits until `active` jobs are claimed and `started` have started.
+    async fn claimed(&self, active: i64, started: usize) {
+        wait_for_state(&self.client, "active", active, SECS_10).await;
+        self.started(started).await;
+    }
+
+    /// Stops the runtime; returns the test's connection.
+    async fn stop(self) -> tokio_postgres::Client {
+        self.shutdown.cancel();
+        self.running.stopped().await;
+        self.client
+    }
+
     /// Waits until `n` jobs have started, the warm-up included.
     async fn started(&self, n: usize) {
         let started = self.started.clone();
@@ -183,9 +198,8 @@ async fn a_queue_claims_no_more_than_its_slots_until_its_handlers_prove_quick() 
     // No handler has finished yet: its speed is unknown.
     held.started(2).await;
     assert_eq!(count_state(&held.client, "active").await, 2);
-    held.shutdown.cancel();
-    held.running.stopped().await;
-    assert_eq!(count_state(&held.client, "created").await, 20);
+    let client = held.stop().await;
+    assert_eq!(count_state(&client, "created").await, 20);
 }
 
 #[tokio::test]
@@ -199,8 +213,7 @@ async fn jobs_claimed_ahead_run_in_priority_order_as_slots_free_up() {
         },
     )
     .await;
-    wait_for_state(&held.client, "active", 4, SECS_10).await;
-    held.started(2).await;
+    held.claimed(4, 2).await;
 
     // The highest priority runs first (later ids, higher priorities); when
     // it finishes, its slot takes the next in the claim's order.
@@ -224,16 +237,14 @@ async fn jobs_claimed_ahead_run_in_priority_order_as_slots_free_up() {
     }
     held.gate.add_permits(3);
     wait_for_state(&held.client, "completed", 5, SECS_10).await;
-    held.shutdown.cancel();
-    held.running.stopped().await;
+    held.stop().await;
 }
 
 #[tokio::test]
 async fn a_job_cancelled_while_claimed_ahead_never_runs() {
     let db = TestDb::new().await;
     let held = hold_slots(&db, Setup::default()).await;
-    wait_for_state(&held.client, "active", 4, SECS_10).await;
-    held.started(2).await;
+    held.claimed(4, 2).await;
     let waiting: i64 = held
         .client
         .query_one(
@@ -281,8 +292,7 @@ async fn a_job_cancelled_while_claimed_ahead_never_runs() {
         .unwrap()
         .get(0);
     assert_eq!(state, "cancelled");
-    held.shutdown.cancel();
-    held.running.stopped().await;
+    held.stop().await;
 }
 
 #[tokio::test]
@@ -297,8 +307,7 @@ async fn jobs_claimed_ahead_that_wait_too_long_are_given_back() {
         },
     )
     .await;
-    wait_for_state(&held.client, "active", 4, SECS_10).await;
-    held.started(2).await;
+    held.claimed(4, 2).await;
 
     // The running job holds its slot past that: the three waiting are given
     // back unburned, and not claimed again while handlers seem stuck.
@@ -307,30 +316,19 @@ async fn jobs_claimed_ahead_that_wait_too_long_are_given_back() {
     wait_for(
         "the jobs claimed ahead to be given back",
         SECS_10,
-        || async {
-            (held
-                .client
-                .query_one(back, &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 3)
-                .then_some(())
-        },
+        || async { (count(&held.client, back).await == 3).then_some(()) },
     )
     .await;
     assert_eq!(count_state(&held.client, "active").await, 1);
     assert_eq!(held.started.lock().unwrap().len(), 2, "none of them ran");
-    held.shutdown.cancel();
-    held.running.stopped().await;
+    held.stop().await;
 }
 
 #[tokio::test]
 async fn jobs_claimed_ahead_are_given_back_when_the_listener_reconnects() {
     let db = TestDb::new().await;
     let held = hold_slots(&db, Setup::default()).await;
-    wait_for_state(&held.client, "active", 4, SECS_10).await;
-    held.started(2).await;
+    held.claimed(4, 2).await;
     let waiting: Vec<(i64, DateTime<Utc>)> = {
         let started = held.started.lock().unwrap().clone();
         held.client
@@ -350,17 +348,7 @@ async fn jobs_claimed_ahead_are_given_back_when_the_listener_reconnects() {
     // Cancels sent while the listener is away are lost: the jobs waiting
     // could be among them, so they go back rather than start (and are
     // claimed again: a later claim, unless still waiting to be).
-    let killed: i64 = held
-        .client
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 1);
+    assert_eq!(kill_listener(&held.client).await, 1);
     // Well before their 5 s on the runway are up, when the worker's timer
     // would give them back anyway.
     let within = Duration::from_secs(3);
@@ -385,6 +373,5 @@ async fn jobs_claimed_ahead_are_given_back_when_the_listener_reconnects() {
     )
     .await;
     assert_eq!(held.started.lock().unwrap().len(), 2, "none of them ran");
-    held.shutdown.cancel();
-    held.running.stopped().await;
+    held.stop().await;
 }

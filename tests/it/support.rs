@@ -181,6 +181,22 @@ where
     }
 }
 
+/// The `count(*)` (or any bigint) a one-row query returns.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Ends this database's listener session from the server side, as a
+/// network failure or a restart would; returns how many it ended.
+pub async fn kill_listener(client: &Client) -> i64 {
+    count(
+        client,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
+    )
+    .await
+}
+
 /// Counts jobs by state in one query.
 pub async fn count_state(client: &Client, state: &str) -> i64 {
     client
