@@ -390,6 +390,20 @@ async fn serve_readme_queue(
     (running, shutdown, base)
 }
 
+/// A handler whose jobs with `{"gate": true}` finish when the test adds a
+/// permit to `gate`; others at once.
+fn gated(gate: Arc<tokio::sync::Semaphore>) -> impl pgtasks::handler::Handler {
+    move |job: Job, _ctx: JobContext| {
+        let gate = gate.clone();
+        async move {
+            if job.data["gate"] == json!(true) {
+                gate.acquire().await.unwrap().forget();
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Whether the process's sleep connection holds the done-waiter lock.
 async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
     let done_key = "l.objsubid = 1 AND l.objid = 0
@@ -406,17 +420,7 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     config.api.port = 0;
     // Jobs with {"gate": true} finish when the test lets them.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler_gate = gate.clone();
-    let handler = move |job: Job, _ctx: JobContext| {
-        let gate = handler_gate.clone();
-        async move {
-            if job.data["gate"] == json!(true) {
-                gate.acquire().await.unwrap().forget();
-            }
-            Ok(None)
-        }
-    };
-    let (running, shutdown, base) = serve_readme_queue(config, handler).await;
+    let (running, shutdown, base) = serve_readme_queue(config, gated(gate.clone())).await;
     let (_listener, mut rx) = listen(&db.url, &["pgtasks:done", "sentinel"]).await;
 
     // Nobody waits: the completion is silent.
@@ -468,15 +472,7 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
     config.api.port = 0;
     config.worker.listener_check_interval = Duration::from_millis(200);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler_gate = gate.clone();
-    let handler = move |_job: Job, _ctx: JobContext| {
-        let gate = handler_gate.clone();
-        async move {
-            gate.acquire().await.unwrap().forget();
-            Ok(None)
-        }
-    };
-    let (running, shutdown, base) = serve_readme_queue(config, handler).await;
+    let (running, shutdown, base) = serve_readme_queue(config, gated(gate.clone())).await;
 
     // A statement finishing jobs without announcing them is in flight: it
     // holds the lock exclusively until it commits.
@@ -485,7 +481,7 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
         .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(pgtasks.done_waiter_lock_key())")
         .await
         .unwrap();
-    let id = insert_job(&client, "readme-queue", json!({})).await;
+    let id = insert_job(&client, "readme-queue", json!({"gate": true})).await;
     let waiting = tokio::spawn(async move {
         reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
             .await
