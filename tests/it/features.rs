@@ -404,6 +404,16 @@ fn gated(gate: Arc<tokio::sync::Semaphore>) -> impl pgtasks::handler::Handler {
     }
 }
 
+/// `GET /api/jobs/{id}?wait=20s`: the job when it finished, or after 20 s.
+async fn wait_for_job(base: String, id: i64) -> Value {
+    reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Whether the process's sleep connection holds the done-waiter lock.
 async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
     let done_key = "l.objsubid = 1 AND l.objid = 0
@@ -431,14 +441,7 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     // A request waits: the process holds the lock, and the completion is
     // announced (which is what answers the request).
     let id = insert_job(&client, "readme-queue", json!({"gate": true})).await;
-    let waiting = tokio::spawn(async move {
-        reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    });
+    let waiting = tokio::spawn(wait_for_job(base, id));
     wait_for("the done-waiter lock", SECS_10, || async {
         holds_done_lock(&client).await.then_some(())
     })
@@ -482,14 +485,7 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
         .await
         .unwrap();
     let id = insert_job(&client, "readme-queue", json!({"gate": true})).await;
-    let waiting = tokio::spawn(async move {
-        reqwest::get(format!("{base}/api/jobs/{id}?wait=20s"))
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    });
+    let waiting = tokio::spawn(wait_for_job(base, id));
     // The sleep connection asks for the lock, gives up (after 100 ms), and
     // the request waits without it.
     let asking = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
