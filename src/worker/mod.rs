@@ -5,9 +5,7 @@
 //! Before sleeping with nothing to claim, the worker asks its process's
 //! sleep connection to arm its queue (schema step 6: inserts notify only
 //! while a process holds the queue's lock, and its own look at the queue
-//! after taking it sees every insert that did not), and claims once more. It
-//! keeps the lock while it runs what it claimed, and lets go only while
-//! saturated (its last claim filled every slot). It then sleeps until a
+//! after taking it sees every insert that did not), and claims once more. It then sleeps until a
 //! wakeup from the listener (or the completer), the slow poll, its timer for
 //! the queue's next future `run_at`, or a freed slot while the last claim
 //! suggested more work is waiting. It claims up to its free slots in one
@@ -77,6 +75,14 @@ impl QueueStats {
     pub fn unsettled(&self) -> u64 {
         self.unsettled.load(Ordering::Relaxed)
     }
+}
+
+/// What one round of claims did.
+struct Claim {
+    /// The last claim filled every free slot: more work is probably waiting.
+    full: bool,
+    /// Some job was claimed.
+    any: bool,
 }
 
 pub struct QueueWorker {
@@ -223,16 +229,11 @@ impl QueueWorker {
                     .claim_and_start(&slots, &slot_freed, &runway, &stop)
                     .await
                 {
-                    Ok(full) => {
-                        more_waiting = full;
+                    Ok(claim) => {
+                        more_waiting = claim.full;
                         failures = 0;
-                        // Saturated: inserts need not notify this process.
-                        // A claim that emptied the queue keeps the locks:
-                        // the worker would arm again at once (two more
-                        // statements and a second claim, beside the jobs
-                        // just started), and holding them all along, it
-                        // has missed no insert.
-                        if full {
+                        // Busy now: inserts need not notify this process.
+                        if claim.any {
                             waiting = self.wake_up(waiting);
                         }
                     }
@@ -337,25 +338,27 @@ impl QueueWorker {
         slot_freed: &Arc<Notify>,
         runway: &Arc<Runway>,
         stop: &CancellationToken,
-    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Claim, Box<dyn std::error::Error + Send + Sync>> {
+        let mut any = false;
         loop {
             if stop.is_cancelled() {
-                return Ok(false);
+                return Ok(Claim { full: false, any });
             }
             self.start_waiting(slots, slot_freed, runway);
             let free = slots.available_permits();
             let room = runway.room();
             if free == 0 && room == 0 {
-                return Ok(true);
+                return Ok(Claim { full: true, any });
             }
             let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32) else {
-                return Ok(true);
+                return Ok(Claim { full: true, any });
             };
             let limit = free.saturating_add(room);
             let claimed = {
                 let client = self.pool.get().await?;
                 store::claim_jobs(&client, &self.queue, limit, self.one_per_claim).await?
             };
+            any |= !claimed.is_empty();
             self.stats.claims.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .claimed
@@ -387,13 +390,13 @@ impl QueueWorker {
             // the worker's next wakeup.
             self.start_waiting(slots, slot_freed, runway);
             if !full {
-                return Ok(false);
+                return Ok(Claim { full: false, any });
             }
             // Go on at once only when every slot is free again; otherwise
             // they are gathered first (`gather_free_slots`): claiming the few
             // freed during a claim made many small claims.
             if !self.one_per_claim && slots.available_permits() < self.concurrency {
-                return Ok(true);
+                return Ok(Claim { full: true, any });
             }
         }
     }
@@ -502,7 +505,7 @@ impl QueueWorker {
         }
     }
 
-    /// Saturated: lets go of the queue's sleep locks, if armed.
+    /// Awake and busy: lets go of the queue's sleep locks, if armed.
     fn wake_up(&self, waiting: Waiting) -> Waiting {
         if let (true, Some(sleeper)) = (waiting.armed(), &self.sleeper) {
             sleeper.wake(&self.queue);

@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    drain_until_sentinel, insert_job, listen, listening, start_recording, wait_for, Recorder,
-    TestDb, SECS_10,
+    drain_until_sentinel, insert_job, listen, listening, sleeper_locks, start_recording, wait_for,
+    Recorder, TestDb, SECS_10,
 };
 
 /// Inserters each submit a job, wait for it to start, and submit the next
@@ -62,6 +62,11 @@ async fn no_wakeup_is_lost_while_inserts_race_the_worker_going_to_sleep() {
         "{jobs} jobs: {notifications} notifications, {} claims, {} unsettled records",
         stats.claims(),
         stats.unsettled()
+    );
+    // The point of the design: inserts while the worker was awake sent none.
+    assert!(
+        (notifications as usize) < jobs,
+        "every insert notified: {notifications} for {jobs} jobs"
     );
     shutdown.cancel();
     running.stopped().await;
@@ -142,10 +147,10 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
     running.stopped().await;
 }
 
-/// A worker whose last claim filled every slot claims again by itself when
-/// one frees up, so it lets go of the queue's lock: inserts meanwhile do
-/// not notify (a notifying commit holds a cluster-wide lock through its WAL
-/// flush). Once it has emptied the queue it holds the lock again.
+/// A worker running what it claimed lets go of the queue's lock (it looks
+/// again by itself when a slot frees up): inserts meanwhile do not notify
+/// (a notifying commit holds a cluster-wide lock through its WAL flush).
+/// Once it has emptied the queue it sleeps on the lock again, and they do.
 #[tokio::test]
 async fn inserts_do_not_notify_a_saturated_worker() {
     let db = TestDb::new().await;
@@ -174,48 +179,47 @@ async fn inserts_do_not_notify_a_saturated_worker() {
         .unwrap();
     listening(&running).await;
     let stats = running.stats("readme-queue").unwrap();
-    let wakeup = running.wakeup("readme-queue").unwrap();
     let client = db.client().await;
-    // Notifications the listener has handled, once it handled one sent after
-    // everything before (it handles them in order).
-    let settled_notifications = || async {
-        let seen = wakeup.notifications();
-        client
-            .execute("SELECT pg_notify('pgtasks.readme-queue', 'scheduled')", &[])
+    let (_listener, mut rx) = listen(&db.url, &["pgtasks.readme-queue", "sentinel"]).await;
+    let queue_lock = "l.objsubid = 1
+        AND l.classid::bigint = (pgtasks.waiter_lock_key('readme-queue') >> 32) & 4294967295
+        AND l.objid::bigint = pgtasks.waiter_lock_key('readme-queue') & 4294967295";
+    let lock_held = |held: bool| {
+        let client = &client;
+        async move {
+            wait_for(
+                &format!("the queue's lock held: {held}"),
+                SECS_10,
+                || async { ((sleeper_locks(client, queue_lock).await > 0) == held).then_some(()) },
+            )
             .await
-            .unwrap();
-        wait_for("the listener to catch up", SECS_10, || async {
-            (wakeup.notifications() > seen).then_some(())
-        })
-        .await;
-        wakeup.notifications() - 1
+        }
     };
 
+    // Busy with its one slot: the worker lets go, and an insert is silent.
     insert_job(&client, "readme-queue", serde_json::json!({"block": true})).await;
     wait_for("the blocking job to start", SECS_10, || async {
         (stats.claimed() == 1).then_some(())
     })
     .await;
-    let before = settled_notifications().await;
+    lock_held(false).await;
+    drain_until_sentinel(&client, &mut rx).await;
     insert_job(&client, "readme-queue", serde_json::json!({})).await;
-    assert_eq!(
-        settled_notifications().await - before,
-        1,
-        "only the sentinel"
-    );
+    assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 
-    // Both done, the queue is empty: the worker sleeps on the lock again.
+    // Both done, the queue is empty: the worker sleeps on the lock again,
+    // and an insert notifies.
     gate.add_permits(1);
     wait_for("both jobs to run", SECS_10, || async {
         (stats.claimed() == 2 && stats.waiting()).then_some(())
     })
     .await;
-    let before = settled_notifications().await;
+    lock_held(true).await;
+    drain_until_sentinel(&client, &mut rx).await;
     insert_job(&client, "readme-queue", serde_json::json!({})).await;
     assert_eq!(
-        settled_notifications().await - before,
-        2,
-        "the insert and the sentinel"
+        drain_until_sentinel(&client, &mut rx).await,
+        vec![("pgtasks.readme-queue".to_string(), String::new())]
     );
     shutdown.cancel();
     running.stopped().await;
