@@ -58,16 +58,16 @@ impl Attempt {
             let lease_left = ready.lease_left_now();
             let Ready { job, cancelled, .. } = ready;
             let (id, attempt) = (job.id, job.attempt);
-            let outcome = match lease_left {
-                _ if cancelled.is_cancelled() && !self.abort.is_cancelled() => {
-                    // Cancelled while on the runway: the job is no longer
-                    // active, so this ack is ignored, as a running one's is.
-                    Outcome::Failed(JobError::new("cancelled before it started"))
-                }
+            let outcome = if cancelled.is_cancelled() && !self.abort.is_cancelled() {
+                // Cancelled while on the runway: the job is no longer
+                // active, so this ack is ignored, as a running one's is.
+                Outcome::Failed(JobError::new("cancelled before it started"))
+            } else if let Some(lease_left) = lease_left {
+                self.run_handler(job, lease_left, &cancelled).await
+            } else {
                 // Waited too long on the runway: claimed again, it gets a
                 // whole lease.
-                None => Outcome::Released,
-                Some(lease_left) => self.run_handler(job, lease_left, &cancelled).await,
+                Outcome::Released
             };
             self.running.remove(id, attempt);
             self.acknowledge(id, attempt, outcome).await;
@@ -141,20 +141,15 @@ impl Attempt {
     }
 
     async fn acknowledge(&self, id: i64, attempt: i32, outcome: Outcome) {
-        let ack = Ack {
+        Ack {
             queue: self.queue.clone(),
             metrics: self.metrics.clone(),
             id,
             attempt,
             outcome,
-        };
-        if self.acks.send(ack).await.is_err() {
-            // Only possible if the completer died; the lease rescues the job.
-            warn!(
-                job_id = id,
-                "completer gone; job will be rescued after its lease"
-            );
         }
+        .send(&self.acks)
+        .await;
     }
 }
 

@@ -49,6 +49,20 @@ pub struct Ack {
 
 pub type AckSender = mpsc::Sender<Ack>;
 
+impl Ack {
+    /// Hands the outcome to the completer. That fails only if the completer
+    /// died; the job's lease then expires and the rescuer takes it.
+    pub async fn send(self, acks: &AckSender) {
+        let id = self.id;
+        if acks.send(self).await.is_err() {
+            warn!(
+                job_id = id,
+                "completer gone; job will be rescued after its lease"
+            );
+        }
+    }
+}
+
 pub struct Completer {
     pool: Pool,
     wakeups: Wakeups,

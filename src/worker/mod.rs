@@ -299,10 +299,11 @@ impl QueueWorker {
                     (deadline, deadline_reason) = (settle_at, Wake::Settle);
                 }
             }
+            // Set while jobs wait on the runway.
             let stale_at = runway.stale_at();
             // Jobs on the runway and a free slot: the slot's attempt ended
             // just before they came, and only this worker can start them.
-            let runway_waits = !runway.is_empty();
+            let runway_waits = stale_at.is_some();
             // Every arm is cancel-safe: Notify keeps an unconsumed permit.
             reason = tokio::select! {
                 biased;
@@ -468,19 +469,15 @@ impl QueueWorker {
     async fn give_back(&self, jobs: Vec<Ready>) {
         for ready in jobs {
             self.running.remove(ready.job.id, ready.job.attempt);
-            let ack = Ack {
+            Ack {
                 queue: self.queue.clone(),
                 metrics: self.metrics.clone(),
                 id: ready.job.id,
                 attempt: ready.job.attempt,
                 outcome: Outcome::Released,
-            };
-            if self.acks.send(ack).await.is_err() {
-                warn!(
-                    job_id = ready.job.id,
-                    "completer gone; job will be rescued after its lease"
-                );
             }
+            .send(&self.acks)
+            .await;
         }
     }
 
