@@ -372,12 +372,14 @@ async fn dead_letters_can_be_redriven_to_their_queue() {
     assert_eq!(row.get::<_, Value>(3), json!({"k": 1}));
 }
 
-/// A runtime running `handler` on `readme-queue`, with its API, listening;
-/// and the API's base URL.
+/// A runtime running `handler` on `readme-queue`, with its API on a free
+/// port of 127.0.0.1, listening; and the API's base URL.
 async fn serve_readme_queue(
-    config: pgtasks::Config,
+    mut config: pgtasks::Config,
     handler: impl pgtasks::handler::Handler,
 ) -> (pgtasks::Running, CancellationToken, String) {
+    config.api.host = "127.0.0.1".into();
+    config.api.port = 0;
     let shutdown = CancellationToken::new();
     let running = Runtime::new(config)
         .handler("readme-queue", handler)
@@ -425,9 +427,7 @@ async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
 async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let mut config = db.config();
-    config.api.host = "127.0.0.1".into();
-    config.api.port = 0;
+    let config = db.config();
     // Jobs with {"gate": true} finish when the test lets them.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (running, shutdown, base) = serve_readme_queue(config, gated(gate.clone())).await;
@@ -471,8 +471,6 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
     let db = TestDb::new().await;
     let client = db.client().await;
     let mut config = db.config();
-    config.api.host = "127.0.0.1".into();
-    config.api.port = 0;
     config.worker.listener_check_interval = Duration::from_millis(200);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (running, shutdown, base) = serve_readme_queue(config, gated(gate.clone())).await;
@@ -524,9 +522,7 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
 #[tokio::test]
 async fn get_with_wait_returns_as_soon_as_the_job_finishes() {
     let db = TestDb::new().await;
-    let mut config = db.config();
-    config.api.host = "127.0.0.1".into();
-    config.api.port = 0;
+    let config = db.config();
     // Jobs take {"ms": n} milliseconds.
     let handler = |job: Job, _ctx: JobContext| async move {
         tokio::time::sleep(Duration::from_millis(job.data["ms"].as_u64().unwrap_or(0))).await;

@@ -275,9 +275,12 @@ async fn a_job_cancelled_while_claimed_ahead_never_runs() {
     })
     .await;
 
+    // A job inserted now is claimed behind the runway, so its one slot has
+    // dealt with the cancelled job before it runs this one.
+    insert_jobs(&held.client, "ahead", 1).await;
     held.gate.add_permits(4);
-    // The warm-up job and the three others.
-    wait_for_state(&held.client, "completed", 4, SECS_10).await;
+    // The warm-up job, the three others and the last one.
+    wait_for_state(&held.client, "completed", 5, SECS_10).await;
     assert!(
         !held.started.lock().unwrap().contains(&waiting),
         "a cancelled job ran"
@@ -310,7 +313,8 @@ async fn jobs_claimed_ahead_that_wait_too_long_are_given_back() {
     held.claimed(4, 2).await;
 
     // The running job holds its slot past that: the three waiting are given
-    // back unburned, and not claimed again while handlers seem stuck.
+    // back unburned. (That claiming ahead then stops until a handler
+    // finishes is `runway::tests::stale_jobs_are_taken_oldest_first…`.)
     let back = "SELECT count(*) FROM pgtasks.job
                  WHERE data ? 'hold' AND state = 'created' AND attempt = 0";
     wait_for(

@@ -72,15 +72,13 @@ async fn no_wakeup_is_lost_while_inserts_race_the_worker_going_to_sleep() {
     running.stopped().await;
 }
 
-/// The race, made to happen: an insert reads "nobody waits" while the worker
-/// is busy, and is still uncommitted when the worker records itself as
-/// waiting and looks at the queue one last time. The record must not settle
-/// until the insert commits, and then the job runs without any poll.
-#[tokio::test]
-async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
-    let db = TestDb::new().await;
-    let recorder = Recorder::default();
-    let gate = Arc::new(Semaphore::new(0));
+/// `readme-queue` at concurrency 1, listening; jobs with `{"block": true}`
+/// wait for a permit of `gate`, and every job is recorded.
+async fn start_one_slot(
+    db: &TestDb,
+    gate: &Arc<Semaphore>,
+    recorder: &Recorder,
+) -> (pgtasks::Running, CancellationToken) {
     let blocker = {
         let gate = gate.clone();
         let record = recorder.handler();
@@ -106,6 +104,19 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
         .await
         .unwrap();
     listening(&running).await;
+    (running, shutdown)
+}
+
+/// The race, made to happen: an insert reads "nobody waits" while the worker
+/// is busy, and is still uncommitted when the worker records itself as
+/// waiting and looks at the queue one last time. The record must not settle
+/// until the insert commits, and then the job runs without any poll.
+#[tokio::test]
+async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let (running, shutdown) = start_one_slot(&db, &gate, &recorder).await;
     let stats = running.stats("readme-queue").unwrap();
     let client = db.client().await;
 
@@ -155,29 +166,7 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
 async fn inserts_do_not_notify_a_saturated_worker() {
     let db = TestDb::new().await;
     let gate = Arc::new(Semaphore::new(0));
-    let blocker = {
-        let gate = gate.clone();
-        move |job: Job, _ctx: JobContext| {
-            let gate = gate.clone();
-            async move {
-                if job.data["block"] == true {
-                    gate.acquire().await?.forget();
-                }
-                Ok(None)
-            }
-        }
-    };
-    let one_slot = QueueConfig {
-        concurrency: 1,
-        ..QueueConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    let running = Runtime::new(db.config())
-        .queue("readme-queue", one_slot, blocker)
-        .start(shutdown.clone())
-        .await
-        .unwrap();
-    listening(&running).await;
+    let (running, shutdown) = start_one_slot(&db, &gate, &Recorder::default()).await;
     let stats = running.stats("readme-queue").unwrap();
     let client = db.client().await;
     let (_listener, mut rx) = listen(&db.url, &["pgtasks.readme-queue", "sentinel"]).await;
