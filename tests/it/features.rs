@@ -423,6 +423,17 @@ async fn holds_done_lock(client: &tokio_postgres::Client) -> bool {
     sleeper_locks(client, done_key).await > 0
 }
 
+/// Waits until the process's sleep connection holds the done-waiter lock,
+/// or no longer does.
+async fn done_lock_held(client: &tokio_postgres::Client, held: bool) {
+    wait_for(
+        &format!("the done-waiter lock held: {held}"),
+        SECS_10,
+        || async { (holds_done_lock(client).await == held).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     let db = TestDb::new().await;
@@ -442,10 +453,7 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     // announced (which is what answers the request).
     let id = insert_job(&client, "readme-queue", json!({"gate": true})).await;
     let waiting = tokio::spawn(wait_for_job(base, id));
-    wait_for("the done-waiter lock", SECS_10, || async {
-        holds_done_lock(&client).await.then_some(())
-    })
-    .await;
+    done_lock_held(&client, true).await;
     gate.add_permits(1);
     let body = waiting.await.unwrap();
     assert_eq!(body["job"]["state"], "completed", "{body}");
@@ -455,10 +463,7 @@ async fn finished_jobs_are_announced_only_while_a_wait_request_waits() {
     );
 
     // Answered, the process lets go, and completions are silent again.
-    wait_for("the done-waiter lock to go", SECS_10, || async {
-        (!holds_done_lock(&client).await).then_some(())
-    })
-    .await;
+    done_lock_held(&client, false).await;
     insert_job(&client, "readme-queue", json!({})).await;
     wait_for_state(&client, "completed", 3, SECS_10).await;
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
@@ -504,17 +509,11 @@ async fn a_wait_request_that_could_not_take_the_done_lock_gets_it_at_the_next_li
     // Once the statement ends, the liveness check takes the lock for the
     // request still waiting.
     finishing.batch_execute("COMMIT").await.unwrap();
-    wait_for("the done-waiter lock", SECS_10, || async {
-        holds_done_lock(&client).await.then_some(())
-    })
-    .await;
+    done_lock_held(&client, true).await;
     gate.add_permits(1);
     let body = waiting.await.unwrap();
     assert_eq!(body["job"]["state"], "completed", "{body}");
-    wait_for("the done-waiter lock to go", SECS_10, || async {
-        (!holds_done_lock(&client).await).then_some(())
-    })
-    .await;
+    done_lock_held(&client, false).await;
     shutdown.cancel();
     running.stopped().await;
 }
