@@ -35,8 +35,16 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{SleepOn, AWAIT_DONE, DONE_AWAITED, SLEEP_ON, WAKE_FROM};
-use crate::wakeup::{channel_name, Wakeups, CANCEL_CHANNEL, DONE_CHANNEL};
+use chrono::{DateTime, Utc};
+
+use crate::job::Job;
+use crate::store::{
+    SleepOn, AWAIT_DONE, DONE_AWAITED, SLEEPER_AT, SLEEP_ON, TAKE_HANDOVERS, WAKE_FROM,
+};
+use crate::wakeup::{
+    channel_name, QueueWakeup, Wakeups, CANCEL_CHANNEL, CHANNEL_PREFIX, DONE_CHANNEL,
+};
+use crate::worker::runway::Ready;
 
 /// A queue worker's request about its sleeping locks.
 #[derive(Debug)]
@@ -147,11 +155,14 @@ const AWAIT_DONE_WAIT_MS: f64 = 100.0;
 /// statements.
 struct SleepLocks {
     held: HashMap<Arc<str>, SleepOn>,
+    /// The LISTEN session last recorded as where to hand each queue's jobs.
+    recorded: HashMap<Arc<str>, i32>,
     done_held: bool,
     sleep_on: Statement,
     wake_from: Statement,
     await_done: Statement,
     done_awaited: Statement,
+    sleeper_at: Statement,
 }
 
 /// What the rest of the process may know about the listener: `/ready` and
@@ -299,6 +310,11 @@ impl Listener {
                 .collect();
             self.drive(client.batch_execute(&listen), &mut messages)
                 .await??;
+            let queues: Vec<&str> = self.wakeups.queues().collect();
+            let taken = self
+                .drive(client.query_one(TAKE_HANDOVERS, &[&queues]), &mut messages)
+                .await??;
+            self.wakeups.set_address(Some(taken.get(0)));
         }
         // Only the sleep connection serves requests (the LISTEN one's
         // channel has no sender).
@@ -306,21 +322,24 @@ impl Listener {
             Role::Listen => None,
             Role::Sleep => {
                 // Prepared together: one round trip.
-                let prepared = futures::future::try_join4(
+                let prepared = futures::future::try_join5(
                     client.prepare(SLEEP_ON),
                     client.prepare(WAKE_FROM),
                     client.prepare(AWAIT_DONE),
                     client.prepare(DONE_AWAITED),
+                    client.prepare(SLEEPER_AT),
                 );
-                let (sleep_on, wake_from, await_done, done_awaited) =
+                let (sleep_on, wake_from, await_done, done_awaited, sleeper_at) =
                     self.drive(prepared, &mut messages).await??;
                 Some(SleepLocks {
                     held: HashMap::new(),
+                    recorded: HashMap::new(),
                     done_held: false,
                     sleep_on,
                     wake_from,
                     await_done,
                     done_awaited,
+                    sleeper_at,
                 })
             }
         };
@@ -391,6 +410,7 @@ impl Listener {
         };
         if self.role == Role::Listen {
             metrics::gauge!("pgtasks_listener_connected").set(0.0);
+            self.wakeups.set_address(None);
         }
         result
     }
@@ -409,13 +429,27 @@ impl Listener {
         match request {
             SleepRequest::Arm { queue, reply } => {
                 let held = locks.held.get(&queue).copied();
+                let name: &str = &queue;
+                let address = self.wakeups.address();
                 if held == Some(SleepOn::Holding) {
+                    // Still held; the LISTEN session may be a new one.
+                    if let Some(address) = address.filter(|a| locks.recorded.get(&queue) != Some(a))
+                    {
+                        let params: [&(dyn ToSql + Sync); 2] = [&name, &address];
+                        let recorded = client.execute(&locks.sleeper_at, &params);
+                        if self
+                            .run_logged(recorded, "sleeper_at", Some(name), messages)
+                            .await?
+                            .is_some()
+                        {
+                            locks.recorded.insert(queue.clone(), address);
+                        }
+                    }
                     let _ = reply.send(Some(SleepOn::Holding));
                     return Ok(());
                 }
-                let name: &str = &queue;
                 let covered = held == Some(SleepOn::Covered);
-                let params: [&(dyn ToSql + Sync); 3] = [&name, &covered, &ARM_WAIT_MS];
+                let params: [&(dyn ToSql + Sync); 4] = [&name, &covered, &ARM_WAIT_MS, &address];
                 let asked = client.query_one(&locks.sleep_on, &params);
                 let Some(row) = self
                     .run_logged(asked, "sleep_on", Some(name), messages)
@@ -425,6 +459,9 @@ impl Listener {
                     return Ok(());
                 };
                 let answer = SleepOn::from_sql(row.get(0));
+                if let Some(address) = address {
+                    locks.recorded.insert(queue.clone(), address);
+                }
                 if answer == SleepOn::Unsettled {
                     locks.held.remove(&queue);
                 } else {
@@ -582,7 +619,11 @@ impl Listener {
             }
             Some(Ok(AsyncMessage::Notification(n))) => {
                 if let Some(wakeup) = self.wakeups.for_channel(n.channel()) {
-                    wakeup.notification(n.payload());
+                    if n.payload().starts_with('{') {
+                        self.take_handover(wakeup, n.channel(), n.payload());
+                    } else {
+                        wakeup.notification(n.payload());
+                    }
                 }
                 Ok(())
             }
@@ -593,6 +634,79 @@ impl Listener {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => Err(e.into()),
             None => Err(SessionError::Closed),
+        }
+    }
+}
+
+impl Listener {
+    /// A job its insert handed over (schema step 9): this process's if
+    /// addressed to its session. Its cancel token is registered before any
+    /// later notification (a cancel) is read.
+    fn take_handover(&self, wakeup: &QueueWakeup, channel: &str, payload: &str) {
+        let handover: Handover = match serde_json::from_str(payload) {
+            Ok(handover) => handover,
+            Err(error) => {
+                warn!(channel, %error, "unreadable handover notification; looking for work instead");
+                wakeup.wake();
+                return;
+            }
+        };
+        if Some(handover.to) != self.wakeups.address() {
+            return;
+        }
+        let queue = channel.strip_prefix(CHANNEL_PREFIX).unwrap_or(channel);
+        let ready = handover.into_ready(queue);
+        let (id, attempt) = (ready.job.id, ready.job.attempt);
+        self.wakeups
+            .running()
+            .insert(id, attempt, ready.cancelled.clone());
+        if !wakeup.hand_over(ready) {
+            // The worker has stopped: once this session ends, the rescuer
+            // gives the job back.
+            self.wakeups.running().remove(id, attempt);
+            debug!(job_id = id, "job handed over after the worker stopped");
+        }
+    }
+}
+
+/// What an insert's handover notification carries: the job as a claim
+/// returns it, and the LISTEN session it is for.
+#[derive(Debug, serde::Deserialize)]
+struct Handover {
+    to: i32,
+    id: i64,
+    data: serde_json::Value,
+    attempt: i32,
+    max_attempts: i32,
+    priority: i32,
+    created_at: DateTime<Utc>,
+    run_at: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    /// Seconds, when the insert ran.
+    lease_left: f64,
+}
+
+impl Handover {
+    fn into_ready(self, queue: &str) -> Ready {
+        Ready {
+            job: Job {
+                id: self.id,
+                queue: queue.to_string(),
+                data: self.data,
+                attempt: self.attempt,
+                max_attempts: self.max_attempts,
+                priority: self.priority,
+                created_at: self.created_at,
+                run_at: self.run_at,
+                started_at: self.started_at,
+                lease_until: self.lease_until,
+            },
+            lease_left: Duration::try_from_secs_f64(self.lease_left.max(0.0))
+                .unwrap_or(Duration::MAX),
+            cancelled: CancellationToken::new(),
+            claimed_at: tokio::time::Instant::now(),
+            handed: true,
         }
     }
 }

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 pub const SCHEMA_SQL: &str = include_str!("../schema.sql");
 
 /// The newest schema step this build knows.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// Applies `schema.sql` and returns the installed schema version.
 pub async fn migrate(client: &Client) -> Result<i32, tokio_postgres::Error> {

@@ -233,7 +233,7 @@ macro_rules! lease_next {
         ")
 UPDATE pgtasks.job j
    SET state = 'active', attempt = j.attempt + 1, started_at = now(),
-       lease_until = now() + q.lease
+       lease_until = now() + q.lease, handed_to = NULL
   FROM pgtasks.queue q
  -- An array of ids, not a join with `next`: a join may be planned as a hash
  -- join over a sequential scan of the whole table, on every claim.
@@ -373,8 +373,10 @@ impl SleepOn {
 }
 
 /// `$2`: this session relied on another process at its last call; `$3`:
-/// milliseconds to wait for inserts in flight.
-pub const SLEEP_ON: &str = "SELECT pgtasks.sleep_on($1, $2, $3 * interval '1 millisecond')";
+/// milliseconds to wait for inserts in flight; `$4`: the process's LISTEN
+/// session, where inserts hand jobs over (schema step 9), if it is up.
+pub const SLEEP_ON: &str =
+    "SELECT pgtasks.sleep_on($1, $2, $3 * interval '1 millisecond', $4::int)";
 
 /// Undoes `sleep_on`'s holding (`$2` true) or relying (false).
 pub const WAKE_FROM: &str = "SELECT pgtasks.wake_from($1, $2)";
@@ -516,6 +518,41 @@ pub async fn release_jobs(
 ) -> Result<u64, Error> {
     let statement = client.prepare_cached(RELEASE_JOBS).await?;
     client.execute(&statement, &[&ids, &attempts]).await
+}
+
+/// For the LISTEN connection: makes its session the address inserts hand
+/// jobs to (schema step 9), and that of the queues (`$1`) without a live
+/// one; returns it.
+pub const TAKE_HANDOVERS: &str = "SELECT pgtasks.take_handovers($1)";
+
+/// For the sleep connection: records its process's LISTEN session (`$2`)
+/// as where to hand the queue's (`$1`) jobs, when the session changed while
+/// a worker holds the queue's lock (schema step 9).
+pub const SLEEPER_AT: &str = "SELECT pgtasks.sleeper_at($1, $2)";
+
+const CONFIRM_HANDOVER: &str = "
+UPDATE pgtasks.job SET handed_to = NULL
+ WHERE id = $1 AND attempt = $2 AND state = 'active' AND handed_to IS NOT NULL";
+
+/// A handed-over attempt that outlives a moment says it runs, so that the
+/// end of the LISTEN session it came through does not give it back. False
+/// when it was already given back (or cancelled).
+pub async fn confirm_handover(
+    client: &impl GenericClient,
+    id: i64,
+    attempt: i32,
+) -> Result<bool, Error> {
+    let statement = client.prepare_cached(CONFIRM_HANDOVER).await?;
+    Ok(client.execute(&statement, &[&id, &attempt]).await? == 1)
+}
+
+const RELEASE_HANDOVERS: &str = "SELECT count(*) FROM pgtasks.release_handovers($1)";
+
+/// Gives back, unburned, up to `limit` jobs handed to LISTEN sessions that
+/// ended before the attempt confirmed them. Returns how many.
+pub async fn release_handovers(client: &impl GenericClient, limit: i32) -> Result<i64, Error> {
+    let statement = client.prepare_cached(RELEASE_HANDOVERS).await?;
+    Ok(client.query_one(&statement, &[&limit]).await?.get(0))
 }
 
 const TRY_MAINTENANCE_LOCK: &str =

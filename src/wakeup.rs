@@ -7,11 +7,13 @@
 //! lost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::worker::runway::Ready;
 
 /// The wakeup line of one queue.
 #[derive(Debug, Default)]
@@ -20,7 +22,8 @@ pub struct QueueWakeup {
     /// Set when jobs that are due later may have arrived: the worker then
     /// re-reads its queue's next `run_at` before it sleeps.
     schedule_changed: AtomicBool,
-    /// Notifications received for this queue (before folding).
+    /// Notifications received for this queue (before folding), jobs handed
+    /// to this process included.
     notifications: AtomicU64,
     /// Set when the sleep connection (re)connected: any sleep locks the
     /// worker held went with the old session.
@@ -28,6 +31,15 @@ pub struct QueueWakeup {
     /// Set when the listener (re)connected: cancels sent meanwhile were
     /// not heard, so jobs claimed ahead are given back rather than started.
     listen_lost: AtomicBool,
+    /// Jobs their inserts handed to this process (schema step 9), until the
+    /// worker starts them; closed when the worker stops.
+    handed: Mutex<Handed>,
+}
+
+#[derive(Debug, Default)]
+struct Handed {
+    jobs: Vec<Ready>,
+    closed: bool,
 }
 
 impl QueueWakeup {
@@ -56,6 +68,41 @@ impl QueueWakeup {
     /// stored in the `Notify`.
     pub async fn notified(&self) {
         self.notify.notified().await;
+    }
+
+    /// A job handed over by its insert: for the worker to start. False (the
+    /// job dropped) once the worker has stopped.
+    pub fn hand_over(&self, ready: Ready) -> bool {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut handed) = self.handed.lock() else {
+            return false;
+        };
+        if handed.closed {
+            return false;
+        }
+        handed.jobs.push(ready);
+        drop(handed);
+        self.wake();
+        true
+    }
+
+    /// The jobs handed over since the last call.
+    pub fn take_handed(&self) -> Vec<Ready> {
+        self.handed
+            .lock()
+            .map(|mut h| std::mem::take(&mut h.jobs))
+            .unwrap_or_default()
+    }
+
+    /// The worker stops: takes what was handed over, and refuses the rest.
+    pub fn close_handed(&self) -> Vec<Ready> {
+        self.handed
+            .lock()
+            .map(|mut h| {
+                h.closed = true;
+                std::mem::take(&mut h.jobs)
+            })
+            .unwrap_or_default()
     }
 
     /// Reads and clears the flag that the sleep locks were lost.
@@ -199,6 +246,9 @@ pub struct Wakeups {
     queues: Arc<HashMap<String, Arc<QueueWakeup>>>,
     running: RunningJobs,
     finished: FinishedJobs,
+    /// This process's LISTEN session while it is up (its backend pid, the
+    /// address inserts hand jobs to), else 0.
+    address: Arc<AtomicI32>,
 }
 
 impl Wakeups {
@@ -212,7 +262,17 @@ impl Wakeups {
             ),
             running: RunningJobs::default(),
             finished: FinishedJobs::default(),
+            address: Arc::default(),
         }
+    }
+
+    /// Where inserts may hand this process jobs: its LISTEN session, if up.
+    pub fn address(&self) -> Option<i32> {
+        Some(self.address.load(Ordering::Relaxed)).filter(|&a| a != 0)
+    }
+
+    pub fn set_address(&self, address: Option<i32>) {
+        self.address.store(address.unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn finished(&self) -> &FinishedJobs {

@@ -70,8 +70,9 @@ impl Maintenance {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = rescue.tick() => match self.rescue_once().await {
-                    Ok(r) if r.retried + r.failed > 0 => {
-                        info!(retried = r.retried, failed = r.failed, "rescued jobs with expired leases")
+                    Ok(r) if r.retried + r.failed + r.handed_back > 0 => {
+                        info!(retried = r.retried, failed = r.failed, handed_back = r.handed_back,
+                              "rescued jobs with expired leases or never started")
                     }
                     Ok(_) => debug!("rescue pass found nothing"),
                     Err(e) => failed("rescue", &e),

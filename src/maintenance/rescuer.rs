@@ -1,4 +1,5 @@
-//! The rescuer: attempts whose lease expired without an outcome.
+//! The rescuer: attempts whose lease expired without an outcome, and jobs
+//! handed over to a process that went away before starting them.
 
 use deadpool_postgres::Pool;
 
@@ -19,6 +20,9 @@ pub struct Rescued {
     pub retried: usize,
     /// Out of attempts: failed (and dead-lettered where configured).
     pub failed: usize,
+    /// Handed over at insert to a LISTEN session that ended before the
+    /// attempt confirmed them: given back unburned.
+    pub handed_back: usize,
     /// Whether this instance held the maintenance lock for the pass.
     pub leader: bool,
 }
@@ -33,7 +37,9 @@ pub async fn rescue_once(pool: &Pool) -> Result<Rescued, MaintenanceError> {
         }
         total.leader = true;
         let rescued = store::rescue_expired(&tx, BATCH, MESSAGE).await?;
+        let handed_back = store::release_handovers(&tx, BATCH as i32).await?;
         tx.commit().await?;
+        total.handed_back += handed_back as usize;
         for r in &rescued {
             if r.state == JobState::Retry {
                 total.retried += 1;
@@ -41,7 +47,7 @@ pub async fn rescue_once(pool: &Pool) -> Result<Rescued, MaintenanceError> {
                 total.failed += 1;
             }
         }
-        if (rescued.len() as i64) < BATCH {
+        if (rescued.len() as i64) < BATCH && handed_back < BATCH {
             return Ok(total);
         }
     }

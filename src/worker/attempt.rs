@@ -23,11 +23,17 @@ use super::runway::{Ready, Runway};
 use crate::handler::{HandlerResult, JobContext, JobError, SharedHandler};
 use crate::job::Job;
 use crate::metrics::QueueMetrics;
+use crate::store;
 use crate::wakeup::RunningJobs;
 
 /// Once its token fires, a handler has this long to return on its own before
 /// its future is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a handed-over job runs before its attempt confirms it. Shorter
+/// ones finish first and never do; until then, losing the LISTEN session
+/// it came through lets the rescuer give it back.
+const CONFIRM_AFTER: Duration = Duration::from_millis(250);
 
 /// A concurrency slot's task: runs its first job, then, while the runway
 /// holds jobs claimed ahead, the next one, and frees the slot when none is
@@ -56,14 +62,19 @@ impl Attempt {
         let mut next = Some(first);
         while let Some(ready) = next {
             let lease_left = ready.lease_left_now();
-            let Ready { job, cancelled, .. } = ready;
+            let Ready {
+                job,
+                cancelled,
+                handed,
+                ..
+            } = ready;
             let (id, attempt) = (job.id, job.attempt);
             let outcome = if cancelled.is_cancelled() && !self.abort.is_cancelled() {
                 // Cancelled while on the runway: the job is no longer
                 // active, so this ack is ignored, as a running one's is.
                 Outcome::Failed(JobError::new("cancelled before it started"))
             } else if let Some(lease_left) = lease_left {
-                self.run_handler(job, lease_left, &cancelled).await
+                self.run_handler(job, lease_left, &cancelled, handed).await
             } else {
                 // Waited too long on the runway: claimed again, it gets a
                 // whole lease.
@@ -82,6 +93,7 @@ impl Attempt {
         job: Job,
         lease_left: Duration,
         cancelled: &CancellationToken,
+        handed: bool,
     ) -> Outcome {
         let pickup = (job.started_at - job.run_at.max(job.created_at))
             .to_std()
@@ -94,12 +106,17 @@ impl Attempt {
         let lease_end = started + lease_left;
         let abort = &self.abort;
         let mut run = pin!(AssertUnwindSafe(self.handler.handle(job, ctx)).catch_unwind());
-        // Biased, shutdown first: the handler sees `abort` through its child
-        // token in the same poll, and must not turn the shutdown into a
+        let mut confirm = pin!(self.confirm_handover(id, attempt));
+        let mut confirming = handed;
+        // Biased, shutdown first: the handler sees `abort` through its
+        // token in the same poll (a claimed job's is its child; a handed
+        // one's is cancelled here), and must not turn the shutdown into a
         // failed attempt by returning before this select notices it.
-        let outcome = tokio::select! {
+        let outcome = loop {
+            break tokio::select! {
             biased;
             _ = abort.cancelled() => {
+                cancelled.cancel();
                 // Whatever the handler returns short of success was cut short
                 // by the shutdown, not by the job: give the attempt back.
                 match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
@@ -129,6 +146,17 @@ impl Attempt {
                 let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
                 Outcome::Failed(JobError::new("cancelled while running"))
             }
+            kept = &mut confirm, if confirming => {
+                confirming = false;
+                if !kept {
+                    // Given back meanwhile: it is no longer this attempt's.
+                    warn!(queue = %self.queue, job_id = id, attempt,
+                          "handed-over job was given back before it could be confirmed; cancelling");
+                    cancelled.cancel();
+                }
+                continue;
+            }
+            };
         };
         let took = started.elapsed();
         self.metrics.run_duration.record(took.as_secs_f64());
@@ -138,6 +166,28 @@ impl Attempt {
                   retry = ?error.retry(), "job attempt failed");
         }
         outcome
+    }
+
+    /// For a handed-over job still running after [`CONFIRM_AFTER`]: tells
+    /// the database it runs here (see `store::confirm_handover`). False
+    /// when the job was given back meanwhile; a failed statement is logged
+    /// and counts as kept (the job stays this process's while its LISTEN
+    /// session lasts).
+    async fn confirm_handover(&self, id: i64, attempt: i32) -> bool {
+        tokio::time::sleep(CONFIRM_AFTER).await;
+        let confirmed = async {
+            let client = self.pool.get().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                store::confirm_handover(&client, id, attempt).await?,
+            )
+        };
+        match confirmed.await {
+            Ok(kept) => kept,
+            Err(error) => {
+                warn!(queue = %self.queue, job_id = id, %error, "confirming a handed-over job failed");
+                true
+            }
+        }
     }
 
     async fn acknowledge(&self, id: i64, attempt: i32, outcome: Outcome) {

@@ -49,6 +49,8 @@ pub struct QueueStats {
     pub claims: AtomicU64,
     /// Jobs claimed.
     pub claimed: AtomicU64,
+    /// Jobs their inserts handed over (schema step 9), never claimed.
+    pub handed: AtomicU64,
     /// Asleep and armed: an insert now notifies it.
     pub waiting: AtomicBool,
     /// Times arming could not settle at once (an insert that did not
@@ -68,6 +70,9 @@ impl QueueStats {
     }
     pub fn claimed(&self) -> u64 {
         self.claimed.load(Ordering::Relaxed)
+    }
+    pub fn handed(&self) -> u64 {
+        self.handed.load(Ordering::Relaxed)
     }
     pub fn waiting(&self) -> bool {
         self.waiting.load(Ordering::Relaxed)
@@ -186,6 +191,9 @@ impl QueueWorker {
         let mut more_waiting = false;
         let mut failures = 0u32;
         let mut waiting = Waiting::No;
+        // Arm even if holding: the LISTEN session, where inserts hand jobs
+        // over, is a new one (schema step 9).
+        let mut readdress = false;
         let mut reason = Wake::Start;
         loop {
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +208,21 @@ impl QueueWorker {
             if self.wakeup.take_listen_lost() {
                 // Cancels sent while the listener was away were not heard.
                 self.give_back(runway.take_all()).await;
+                self.give_back(self.wakeup.take_handed()).await;
+                readdress = true;
+            }
+            let handed = self.wakeup.take_handed();
+            if !handed.is_empty() {
+                self.stats
+                    .handed
+                    .fetch_add(handed.len() as u64, Ordering::Relaxed);
+                // Busy now, as after a claim that took jobs.
+                waiting = self.wake_up(waiting);
+                // In order, after any claimed ahead; those without a free
+                // slot wait there.
+                let refused = runway.extend(handed);
+                self.give_back(refused).await;
+                self.start_waiting(&slots, &slot_freed, &runway);
             }
             if reason == Wake::RunwayStale {
                 self.give_back(runway.take_stale()).await;
@@ -258,12 +281,14 @@ impl QueueWorker {
             // wake this worker, then look once more.
             if let Some(sleeper) = &self.sleeper {
                 let idle = !more_waiting && failures == 0 && !stop.is_cancelled();
-                let ask = match waiting {
-                    Waiting::No | Waiting::Unsettled(_) => true,
-                    Waiting::Covered => reason == Wake::Settle,
-                    Waiting::Holding => false,
-                };
+                let ask = readdress
+                    || match waiting {
+                        Waiting::No | Waiting::Unsettled(_) => true,
+                        Waiting::Covered => reason == Wake::Settle,
+                        Waiting::Holding => false,
+                    };
                 if idle && ask {
+                    readdress = false;
                     let before = waiting;
                     waiting = self.arm(sleeper, waiting).await;
                     // Newly holding (or relying): inserts before now may not
@@ -328,6 +353,7 @@ impl QueueWorker {
         self.stats.waiting.store(false, Ordering::Relaxed);
         self.wake_up(waiting);
         self.give_back(runway.close()).await;
+        self.give_back(self.wakeup.close_handed()).await;
     }
 
     /// Claims up to the free slots, again while claims come back full and
@@ -378,6 +404,7 @@ impl QueueWorker {
                     lease_left: claim.lease_left,
                     cancelled,
                     claimed_at,
+                    handed: false,
                 }
             });
             while let Some(slot) = permits.split(1) {
@@ -464,8 +491,8 @@ impl QueueWorker {
         self.attempts.spawn(attempt.run(ready));
     }
 
-    /// Gives claimed jobs that never started back to their queue, unburned
-    /// (stopping, with jobs left on the runway).
+    /// Gives claimed (or handed) jobs that never started back to their
+    /// queue, unburned (stopping, with jobs left on the runway).
     async fn give_back(&self, jobs: Vec<Ready>) {
         for ready in jobs {
             self.running.remove(ready.job.id, ready.job.attempt);

@@ -38,6 +38,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(5);
 const UNKNOWN: u64 = u64::MAX;
 
 /// A claimed job not yet started.
+#[derive(Debug)]
 pub struct Ready {
     pub job: Job,
     /// The lease left when it was claimed.
@@ -45,6 +46,9 @@ pub struct Ready {
     /// Fires when the job is cancelled, or at the end of shutdown's grace.
     pub cancelled: CancellationToken,
     pub claimed_at: Instant,
+    /// Handed over by its insert (schema step 9) rather than claimed: a
+    /// long attempt confirms it ([`crate::store::confirm_handover`]).
+    pub handed: bool,
 }
 
 impl Ready {
@@ -228,6 +232,7 @@ mod tests {
             lease_left,
             cancelled: CancellationToken::new(),
             claimed_at: Instant::now() - waited,
+            handed: false,
         }
     }
 

@@ -62,15 +62,23 @@ async fn burst_of_1000_rows_is_few_wakeups_and_every_job_runs_once() {
     assert!(runs.values().all(|&n| n == 1), "a job ran twice");
     let wakeup = running.wakeup("readme-queue").unwrap();
     let stats = running.stats("readme-queue").unwrap();
-    assert_eq!(wakeup.notifications(), 1, "one statement, one notification");
+    // The first row is handed to the sleeping worker; one more
+    // notification wakes it for the rest.
+    assert_eq!(stats.handed(), 1);
+    assert_eq!(
+        wakeup.notifications(),
+        2,
+        "one statement, two notifications"
+    );
+    // Each may wake it, and one permit may be kept while it claims.
     assert!(
-        stats.notified() <= 2,
+        stats.notified() <= 3,
         "notified wakeups: {}",
         stats.notified()
     );
     // Concurrency 10 and 100 claimed ahead: a claim takes at most 110 jobs,
     // and ten on average at least.
-    assert_eq!(stats.claimed(), 1000);
+    assert_eq!(stats.claimed(), 999);
     assert!(
         (10..=100).contains(&stats.claims()),
         "claims: {}",

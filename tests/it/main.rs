@@ -7,6 +7,7 @@ mod command;
 mod config;
 mod engine;
 mod features;
+mod handover;
 mod listener;
 mod policies;
 mod runway;

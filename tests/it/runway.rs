@@ -19,7 +19,7 @@ use crate::support::{
 /// A handler that records each job it starts; jobs with `{"hold": true}`
 /// then wait for a permit of `gate` (or for their cancel token, and fail),
 /// others return at once.
-fn gated(started: Arc<Mutex<HashSet<i64>>>, gate: Arc<Semaphore>) -> impl pgtasks::Handler {
+pub fn gated(started: Arc<Mutex<HashSet<i64>>>, gate: Arc<Semaphore>) -> impl pgtasks::Handler {
     move |job: Job, ctx: JobContext| {
         let (started, gate) = (started.clone(), gate.clone());
         async move {
@@ -94,6 +94,12 @@ async fn hold_slots(db: &TestDb, setup: Setup) -> Held {
         insert_jobs(&client, "ahead", 1).await;
         wait_for_state(&client, "completed", 1, SECS_10).await;
     }
+    // Every job claimed (none handed over by its insert): these tests are
+    // about claims.
+    client
+        .batch_execute("SET pgtasks.handover = off")
+        .await
+        .unwrap();
     client
         .execute(
             "INSERT INTO pgtasks.job (queue, data, priority)

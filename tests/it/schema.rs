@@ -252,7 +252,7 @@ async fn trigger_notifies_once_per_queue_per_statement() {
 /// to 10 ms for inserts in flight).
 async fn sleep_on(session: &tokio_postgres::Client, queue: &str, covered: bool) -> String {
     session
-        .query_one(SLEEP_ON, &[&queue, &covered, &10.0f64])
+        .query_one(SLEEP_ON, &[&queue, &covered, &10.0f64, &None::<i32>])
         .await
         .unwrap()
         .get(0)

@@ -123,7 +123,7 @@ async fn an_insert_in_flight_while_the_worker_goes_to_sleep_still_runs() {
     // The worker is busy with its one slot, so its record says awake.
     let blocking = insert_job(&client, "readme-queue", serde_json::json!({"block": true})).await;
     wait_for("the blocking job to start", SECS_10, || async {
-        (stats.claimed() == 1).then_some(())
+        (stats.claimed() + stats.handed() == 1).then_some(())
     })
     .await;
 
@@ -188,7 +188,7 @@ async fn inserts_do_not_notify_a_saturated_worker() {
     // Busy with its one slot: the worker lets go, and an insert is silent.
     insert_job(&client, "readme-queue", serde_json::json!({"block": true})).await;
     wait_for("the blocking job to start", SECS_10, || async {
-        (stats.claimed() == 1).then_some(())
+        (stats.claimed() + stats.handed() == 1).then_some(())
     })
     .await;
     lock_held(false).await;
@@ -197,19 +197,20 @@ async fn inserts_do_not_notify_a_saturated_worker() {
     assert_eq!(drain_until_sentinel(&client, &mut rx).await, vec![]);
 
     // Both done, the queue is empty: the worker sleeps on the lock again,
-    // and an insert notifies.
+    // and an insert notifies (handing its job over).
     gate.add_permits(1);
     wait_for("both jobs to run", SECS_10, || async {
-        (stats.claimed() == 2 && stats.waiting()).then_some(())
+        (stats.claimed() + stats.handed() == 2 && stats.waiting()).then_some(())
     })
     .await;
     lock_held(true).await;
     drain_until_sentinel(&client, &mut rx).await;
-    insert_job(&client, "readme-queue", serde_json::json!({})).await;
-    assert_eq!(
-        drain_until_sentinel(&client, &mut rx).await,
-        vec![("pgtasks.readme-queue".to_string(), String::new())]
-    );
+    let id = insert_job(&client, "readme-queue", serde_json::json!({})).await;
+    let heard = drain_until_sentinel(&client, &mut rx).await;
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert_eq!(heard[0].0, "pgtasks.readme-queue");
+    let handover: serde_json::Value = serde_json::from_str(&heard[0].1).unwrap();
+    assert_eq!(handover["id"], id);
     shutdown.cancel();
     running.stopped().await;
 }

@@ -1,0 +1,236 @@
+//! Handover (schema step 9): an insert that finds a worker asleep claims its
+//! row itself and sends the job to one process's LISTEN session. These tests
+//! show which inserts hand over, and that a job handed to a session that
+//! ends before the attempt confirms it is given back unburned and runs.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgtasks::config::QueueConfig;
+use pgtasks::Runtime;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::runway::gated;
+use crate::support::{
+    count, insert_job, kill_listener, listening, start_recording, start_recording_with, wait_for,
+    Recorder, TestDb, SECS_10,
+};
+
+/// A job's state, attempt and `handed_to`.
+async fn job_row(client: &tokio_postgres::Client, id: i64) -> (String, i32, Option<i32>) {
+    let row = client
+        .query_one(
+            "SELECT state::text, attempt, handed_to FROM pgtasks.job WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The backend pid of the runtime's LISTEN session.
+async fn listener_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity
+              WHERE application_name = 'pgtasks-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn ran(recorder: &Recorder, id: i64) {
+    wait_for(&format!("job {id} to run"), SECS_10, || async {
+        recorder.runs().contains_key(&id).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_inserted_while_the_worker_sleeps_is_handed_to_it_by_the_insert() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let stats = running.stats("readme-queue").unwrap();
+    let client = db.client().await;
+    let claimed_before = stats.claimed();
+
+    let id = insert_job(&client, "readme-queue", json!({})).await;
+    ran(&recorder, id).await;
+    // Claimed by its insert, for this process's LISTEN session; a quick
+    // attempt never confirms it.
+    let pid = listener_pid(&client).await;
+    wait_for("the job to complete", SECS_10, || async {
+        (job_row(&client, id).await == ("completed".into(), 1, Some(pid))).then_some(())
+    })
+    .await;
+    assert_eq!(stats.handed(), 1);
+    assert_eq!(stats.claimed(), claimed_before);
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// `pgtasks.handover = off`, paused queues and payloads too large for a
+/// notification: the insert notifies only, and the worker claims the job.
+#[tokio::test]
+async fn some_inserts_only_notify() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let stats = running.stats("readme-queue").unwrap();
+    let client = db.client().await;
+
+    client
+        .batch_execute("SET pgtasks.handover = off")
+        .await
+        .unwrap();
+    let off = insert_job(&client, "readme-queue", json!({})).await;
+    ran(&recorder, off).await;
+    client
+        .batch_execute("RESET pgtasks.handover")
+        .await
+        .unwrap();
+    listening(&running).await;
+
+    let large = insert_job(
+        &client,
+        "readme-queue",
+        json!({ "text": "x".repeat(10_000) }),
+    )
+    .await;
+    ran(&recorder, large).await;
+    listening(&running).await;
+
+    client
+        .execute("SELECT pgtasks.pause_queue('readme-queue')", &[])
+        .await
+        .unwrap();
+    let paused = insert_job(&client, "readme-queue", json!({})).await;
+    assert_eq!(job_row(&client, paused).await, ("created".into(), 0, None));
+    client
+        .execute("SELECT pgtasks.resume_queue('readme-queue')", &[])
+        .await
+        .unwrap();
+    ran(&recorder, paused).await;
+
+    for id in [off, large, paused] {
+        wait_for(&format!("job {id} to complete"), SECS_10, || async {
+            (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(stats.handed(), 0);
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// A job handed to a LISTEN session that ends before its attempt confirmed
+/// it (here a session that never takes it; a process that stopped or lost
+/// its listener connection is the same) is given back by the rescuer with
+/// its attempt unburned, and runs.
+#[tokio::test]
+async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let mut config = db.config();
+    config.maintenance.rescue_interval = Duration::from_millis(100);
+    let (running, shutdown) = start_recording_with(config, &recorder).await;
+    let client = db.client().await;
+
+    // Another session becomes the queue's address, as a LISTEN session does.
+    let other = db.client().await;
+    let other_pid: i32 = other
+        .query_one("SELECT pgtasks.take_handovers('{}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    other
+        .execute(
+            "SELECT pgtasks.sleeper_at('readme-queue', $1)",
+            &[&other_pid],
+        )
+        .await
+        .unwrap();
+
+    let id = insert_job(&client, "readme-queue", json!({})).await;
+    assert_eq!(
+        job_row(&client, id).await,
+        ("active".into(), 1, Some(other_pid))
+    );
+    // While that session lasts, the job is its own.
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pgtasks.release_handovers(100)"
+        )
+        .await,
+        0
+    );
+
+    drop(other);
+    ran(&recorder, id).await;
+    wait_for("the job to complete", SECS_10, || async {
+        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
+    })
+    .await;
+    assert_eq!(recorder.runs().get(&id), Some(&1));
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// A handed-over attempt that runs on confirms the job, so losing the LISTEN
+/// session it came through does not give it back while it runs.
+#[tokio::test]
+async fn a_long_handed_over_attempt_outlives_its_listen_session() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.maintenance.rescue_interval = Duration::from_millis(100);
+    let started = Arc::new(Mutex::new(HashSet::new()));
+    let gate = Arc::new(Semaphore::new(0));
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .queue(
+            "ahead",
+            QueueConfig::default(),
+            gated(started.clone(), gate.clone()),
+        )
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let client = db.client().await;
+
+    let id = insert_job(&client, "ahead", json!({ "hold": true })).await;
+    wait_for("the attempt to confirm the job", SECS_10, || async {
+        (job_row(&client, id).await == ("active".into(), 1, None)).then_some(())
+    })
+    .await;
+    assert!(started.lock().unwrap().contains(&id));
+    assert_eq!(running.stats("ahead").unwrap().handed(), 1);
+
+    assert_eq!(kill_listener(&client).await, 1);
+    wait_for("the listener to reconnect", SECS_10, || async {
+        (running.listener().reconnects() >= 1 && running.listener().is_connected()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pgtasks.release_handovers(100)"
+        )
+        .await,
+        0
+    );
+    gate.add_permits(1);
+    wait_for("the job to complete", SECS_10, || async {
+        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    running.stopped().await;
+}
