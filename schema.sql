@@ -1386,12 +1386,15 @@ $step$;
 --   makes an insert notify only, as before. Jobs of policy queues, jobs
 --   due later, paused queues and payloads beyond NOTIFY's limit take the
 --   usual path.
--- * The row records the address in handed_to until the attempt, if it runs
---   for more than a moment, confirms it (clears it). An unconfirmed
---   handover whose LISTEN session ended (the process stopped, crashed or
---   lost that connection before the job was started, or while it was just
---   starting) is given back unburned by the rescuer (release_handovers).
---   Claims clear handed_to.
+-- * The row records the address in handed_to, and a first lease of at most
+--   15 s, until the attempt, if it runs for more than a moment, confirms it
+--   (clears handed_to; the queue's lease applies). The rescuer gives back,
+--   unburned, an unconfirmed handover whose LISTEN session ended (the
+--   process crashed or lost that connection before it started the job, or
+--   while it was just starting) or whose first lease ran out
+--   (release_handovers). A process keeps its LISTEN session until its
+--   attempts have ended and their outcomes are written. Claims, and a
+--   return to the queue, clear handed_to.
 DO $step$
 BEGIN
 IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 9) THEN
@@ -1417,6 +1420,13 @@ LANGUAGE sql AS $fn$
     INSERT INTO pgtasks.queue_sleeper AS s (queue, listener) VALUES ($1, $2)
     ON CONFLICT ON CONSTRAINT queue_sleeper_pkey DO UPDATE SET listener = EXCLUDED.listener
         WHERE s.listener <> EXCLUDED.listener
+$fn$;
+
+-- For a process's sleep connection at shutdown: inserts stop handing jobs
+-- to its LISTEN session `listener` (they notify instead).
+CREATE FUNCTION pgtasks.forget_sleeper(listener integer) RETURNS void
+LANGUAGE sql AS $fn$
+    DELETE FROM pgtasks.queue_sleeper WHERE listener = $1
 $fn$;
 
 -- For a process's LISTEN session, once: makes it an address inserts may
@@ -1475,7 +1485,11 @@ BEGIN
         RETURN NEW;
     END IF;
     -- A worker sleeps on the queue.
-    IF standard AND NEW.state = 'created' AND NEW.policy IS NULL
+    -- Not for keyed rows (ON CONFLICT may drop them after this trigger ran),
+    -- nor in a transaction that has run long already (the lease counts from
+    -- its start).
+    IF standard AND NEW.state = 'created' AND NEW.policy IS NULL AND NEW.singleton_key IS NULL
+       AND clock_timestamp() - started < interval '1 second'
        AND coalesce(current_setting('pgtasks.handover', true), '') <> 'off' THEN
         SELECT s.listener INTO to_listener FROM pgtasks.queue_sleeper s WHERE s.queue = NEW.queue;
         IF FOUND AND NOT pg_try_advisory_xact_lock_shared(pgtasks.listener_lock_key(to_listener)) THEN
@@ -1499,7 +1513,8 @@ BEGIN
     NEW.state := 'active';
     NEW.attempt := NEW.attempt + 1;
     NEW.started_at := started;
-    NEW.lease_until := started + queue_lease;
+    -- Until the attempt confirms it (then the queue's lease applies).
+    NEW.lease_until := started + least(queue_lease, interval '15 seconds');
     NEW.handed_to := to_listener;
     PERFORM set_config('pgtasks.handover', 'off', true);
     PERFORM pg_notify('pgtasks.' || NEW.queue, payload);
@@ -1507,16 +1522,22 @@ BEGIN
 END
 $fn$;
 
--- For the maintenance leader: gives back, unburned, jobs handed to a LISTEN
--- session that has ended before their attempt confirmed them.
+-- For the maintenance leader: gives back, unburned, jobs handed over but
+-- not confirmed whose LISTEN session has ended, or that were not confirmed
+-- within their first lease (that session took no notice: it may be
+-- half-open, or its pid now another process's); such a session stops being
+-- a queue's address.
 CREATE FUNCTION pgtasks.release_handovers(max_jobs integer) RETURNS SETOF bigint
 LANGUAGE sql AS $fn$
     WITH handed AS MATERIALIZED (
-        SELECT id FROM pgtasks.job
+        SELECT id, handed_to FROM pgtasks.job
          WHERE state = 'active' AND lease_until IS NOT NULL AND handed_to IS NOT NULL
-           AND pg_try_advisory_xact_lock_shared(pgtasks.listener_lock_key(handed_to))
+           AND (lease_until < now()
+                OR pg_try_advisory_xact_lock_shared(pgtasks.listener_lock_key(handed_to)))
          LIMIT max_jobs
            FOR UPDATE SKIP LOCKED
+    ), forgotten AS (
+        DELETE FROM pgtasks.queue_sleeper s USING handed h WHERE s.listener = h.handed_to
     )
     UPDATE pgtasks.job j
        SET state = 'created', attempt = j.attempt - 1, started_at = NULL,
@@ -1525,6 +1546,22 @@ LANGUAGE sql AS $fn$
      WHERE j.id = h.id
     RETURNING j.id
 $fn$;
+
+-- A job handed over and then failed or given back is an ordinary one again
+-- (whichever statement, or release, did it).
+CREATE FUNCTION pgtasks.job_waits_again() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    NEW.handed_to := NULL;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER job_waits_again
+    BEFORE UPDATE OF state ON pgtasks.job
+    FOR EACH ROW
+    WHEN (NEW.handed_to IS NOT NULL AND NEW.state IN ('created', 'retry'))
+    EXECUTE FUNCTION pgtasks.job_waits_again();
 
 INSERT INTO pgtasks.schema_version (version) VALUES (9);
 END

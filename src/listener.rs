@@ -39,7 +39,8 @@ use chrono::{DateTime, Utc};
 
 use crate::job::Job;
 use crate::store::{
-    SleepOn, AWAIT_DONE, DONE_AWAITED, SLEEPER_AT, SLEEP_ON, TAKE_HANDOVERS, WAKE_FROM,
+    SleepOn, AWAIT_DONE, DONE_AWAITED, FORGET_SLEEPER, SLEEPER_AT, SLEEP_ON, TAKE_HANDOVERS,
+    WAKE_FROM,
 };
 use crate::wakeup::{
     channel_name, QueueWakeup, Wakeups, CANCEL_CHANNEL, CHANNEL_PREFIX, DONE_CHANNEL,
@@ -310,11 +311,18 @@ impl Listener {
                 .collect();
             self.drive(client.batch_execute(&listen), &mut messages)
                 .await??;
-            let queues: Vec<&str> = self.wakeups.queues().collect();
-            let taken = self
-                .drive(client.query_one(TAKE_HANDOVERS, &[&queues]), &mut messages)
+            // The address is known before it is recorded anywhere: a job
+            // handed to it may arrive before the statement's answer.
+            let pid = self
+                .drive(
+                    client.query_one("SELECT pg_backend_pid()", &[]),
+                    &mut messages,
+                )
                 .await??;
-            self.wakeups.set_address(Some(taken.get(0)));
+            self.wakeups.set_address(Some(pid.get(0)));
+            let queues: Vec<&str> = self.wakeups.queues().collect();
+            self.drive(client.execute(TAKE_HANDOVERS, &[&queues]), &mut messages)
+                .await??;
         }
         // Only the sleep connection serves requests (the LISTEN one's
         // channel has no sender).
@@ -563,8 +571,10 @@ impl Listener {
     }
 
     /// At shutdown, lets go of every queue, so that processes relying on
-    /// this one hear it now rather than at their next check. Best effort:
-    /// the locks end with the session anyway.
+    /// this one hear it now rather than at their next check, and stops
+    /// being where inserts hand jobs (they notify instead). Best effort:
+    /// the locks end with the session anyway, and jobs handed over later
+    /// are given back once this process's LISTEN session ends.
     async fn let_go_of_all(
         &mut self,
         client: &Client,
@@ -572,7 +582,14 @@ impl Listener {
         messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
     ) {
         let queues: Vec<Arc<str>> = locks.held.keys().cloned().collect();
+        let address = self.wakeups.address();
         let all = async {
+            if let Some(address) = address {
+                let params: [&(dyn ToSql + Sync); 1] = [&address];
+                let forgotten = client.execute(FORGET_SLEEPER, &params);
+                self.run_logged(forgotten, "forget_sleeper", None, messages)
+                    .await?;
+            }
             for queue in queues {
                 self.serve(SleepRequest::Wake { queue }, client, locks, messages)
                     .await?;
@@ -706,7 +723,7 @@ impl Handover {
                 .unwrap_or(Duration::MAX),
             cancelled: CancellationToken::new(),
             claimed_at: tokio::time::Instant::now(),
-            handed: true,
+            handed: Some(self.to),
         }
     }
 }

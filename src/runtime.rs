@@ -196,7 +196,11 @@ impl Runtime {
         }
 
         // The listener wakes this process's workers, stops cancelled jobs,
-        // and ends `?wait=` requests; an API-only process needs it too.
+        // and ends `?wait=` requests; an API-only process needs it too. Its
+        // session lasts until the attempts have ended and their outcomes
+        // are written: jobs handed to it meanwhile stay this process's
+        // (schema step 9), and cancels still reach running attempts.
+        let stop_listening = CancellationToken::new();
         if !handlers.is_empty() || self.run_api {
             if config.worker.listen {
                 let url = config
@@ -234,7 +238,7 @@ impl Runtime {
                 );
                 tasks.spawn(sleeping.run(shutdown.clone()));
                 let listener = Listener::new(listener_config, wakeups.clone(), status.clone());
-                tasks.spawn(listener.run(shutdown.clone()));
+                tasks.spawn(listener.run(stop_listening.clone()));
             } else {
                 info!(
                     "listener disabled: polling every {:?}",
@@ -333,6 +337,13 @@ impl Runtime {
                 {
                     give_up.cancel();
                 }
+                stop_listening.cancel();
+            });
+        } else {
+            let stopping = shutdown.clone();
+            tasks.spawn(async move {
+                stopping.cancelled().await;
+                stop_listening.cancel();
             });
         }
         let mut api_addr = None;

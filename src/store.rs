@@ -530,13 +530,20 @@ pub const TAKE_HANDOVERS: &str = "SELECT pgtasks.take_handovers($1)";
 /// a worker holds the queue's lock (schema step 9).
 pub const SLEEPER_AT: &str = "SELECT pgtasks.sleeper_at($1, $2)";
 
+/// For the sleep connection at shutdown: inserts stop handing jobs to this
+/// process's LISTEN session (`$1`).
+pub const FORGET_SLEEPER: &str = "SELECT pgtasks.forget_sleeper($1)";
+
 const CONFIRM_HANDOVER: &str = "
-UPDATE pgtasks.job SET handed_to = NULL
- WHERE id = $1 AND attempt = $2 AND state = 'active' AND handed_to IS NOT NULL";
+UPDATE pgtasks.job j SET handed_to = NULL, lease_until = j.started_at + q.lease
+  FROM pgtasks.queue q
+ WHERE j.id = $1 AND j.attempt = $2 AND j.state = 'active' AND j.handed_to IS NOT NULL
+   AND q.name = j.queue";
 
 /// A handed-over attempt that outlives a moment says it runs, so that the
-/// end of the LISTEN session it came through does not give it back. False
-/// when it was already given back (or cancelled).
+/// end of the LISTEN session it came through, or of its first lease, does
+/// not give it back; the queue's lease applies from then. False when it
+/// was already given back (or cancelled).
 pub async fn confirm_handover(
     client: &impl GenericClient,
     id: i64,
@@ -548,8 +555,9 @@ pub async fn confirm_handover(
 
 const RELEASE_HANDOVERS: &str = "SELECT count(*) FROM pgtasks.release_handovers($1)";
 
-/// Gives back, unburned, up to `limit` jobs handed to LISTEN sessions that
-/// ended before the attempt confirmed them. Returns how many.
+/// Gives back, unburned, up to `limit` jobs handed over and not confirmed
+/// whose LISTEN session ended or whose first lease ran out (schema step
+/// 9). Returns how many.
 pub async fn release_handovers(client: &impl GenericClient, limit: i32) -> Result<i64, Error> {
     let statement = client.prepare_cached(RELEASE_HANDOVERS).await?;
     Ok(client.query_one(&statement, &[&limit]).await?.get(0))
@@ -567,7 +575,8 @@ pub async fn try_maintenance_lock(client: &impl GenericClient) -> Result<bool, E
 const RESCUE_EXPIRED: &str = "
 WITH expired AS MATERIALIZED (
     SELECT id, attempt FROM pgtasks.job
-     WHERE state = 'active' AND lease_until < now()
+     -- Handed over and not confirmed: given back instead (release_handovers).
+     WHERE state = 'active' AND lease_until < now() AND handed_to IS NULL
      ORDER BY lease_until
      LIMIT $1
        FOR UPDATE SKIP LOCKED

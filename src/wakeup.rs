@@ -34,6 +34,8 @@ pub struct QueueWakeup {
     /// Jobs their inserts handed to this process (schema step 9), until the
     /// worker starts them; closed when the worker stops.
     handed: Mutex<Handed>,
+    /// The process's LISTEN session (see [`Wakeups::address`]).
+    address: Arc<AtomicI32>,
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +86,11 @@ impl QueueWakeup {
         drop(handed);
         self.wake();
         true
+    }
+
+    /// This process's current LISTEN session, where inserts hand jobs.
+    pub fn address(&self) -> Option<i32> {
+        Some(self.address.load(Ordering::Relaxed)).filter(|&a| a != 0)
     }
 
     /// The jobs handed over since the last call.
@@ -253,16 +260,19 @@ pub struct Wakeups {
 
 impl Wakeups {
     pub fn new<'a>(queues: impl IntoIterator<Item = &'a str>) -> Self {
+        let address: Arc<AtomicI32> = Arc::default();
+        let wakeup = |q: &str| {
+            let wakeup = QueueWakeup {
+                address: address.clone(),
+                ..QueueWakeup::default()
+            };
+            (q.to_string(), Arc::new(wakeup))
+        };
         Wakeups {
-            queues: Arc::new(
-                queues
-                    .into_iter()
-                    .map(|q| (q.to_string(), Arc::default()))
-                    .collect(),
-            ),
+            queues: Arc::new(queues.into_iter().map(wakeup).collect()),
             running: RunningJobs::default(),
             finished: FinishedJobs::default(),
-            address: Arc::default(),
+            address,
         }
     }
 

@@ -36,8 +36,8 @@ pub async fn rescue_once(pool: &Pool) -> Result<Rescued, MaintenanceError> {
             return Ok(total);
         }
         total.leader = true;
-        let rescued = store::rescue_expired(&tx, BATCH, MESSAGE).await?;
         let handed_back = store::release_handovers(&tx, BATCH as i32).await?;
+        let rescued = store::rescue_expired(&tx, BATCH, MESSAGE).await?;
         tx.commit().await?;
         total.handed_back += handed_back as usize;
         for r in &rescued {

@@ -32,7 +32,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a handed-over job runs before its attempt confirms it. Shorter
 /// ones finish first and never do; until then, losing the LISTEN session
-/// it came through lets the rescuer give it back.
+/// it came through lets the rescuer give it back. Well inside the first
+/// lease of a handover (15 s, schema step 9), runway wait included.
 const CONFIRM_AFTER: Duration = Duration::from_millis(250);
 
 /// A concurrency slot's task: runs its first job, then, while the runway
@@ -72,16 +73,21 @@ impl Attempt {
             let outcome = if cancelled.is_cancelled() && !self.abort.is_cancelled() {
                 // Cancelled while on the runway: the job is no longer
                 // active, so this ack is ignored, as a running one's is.
-                Outcome::Failed(JobError::new("cancelled before it started"))
+                Some(Outcome::Failed(JobError::new(
+                    "cancelled before it started",
+                )))
             } else if let Some(lease_left) = lease_left {
-                self.run_handler(job, lease_left, &cancelled, handed).await
+                self.run_handler(job, lease_left, &cancelled, handed.is_some())
+                    .await
             } else {
                 // Waited too long on the runway: claimed again, it gets a
                 // whole lease.
-                Outcome::Released
+                Some(Outcome::Released)
             };
             self.running.remove(id, attempt);
-            self.acknowledge(id, attempt, outcome).await;
+            if let Some(outcome) = outcome {
+                self.acknowledge(id, attempt, outcome).await;
+            }
             next = self.runway.next();
         }
         drop(self.slot);
@@ -94,7 +100,7 @@ impl Attempt {
         lease_left: Duration,
         cancelled: &CancellationToken,
         handed: bool,
-    ) -> Outcome {
+    ) -> Option<Outcome> {
         let pickup = (job.started_at - job.run_at.max(job.created_at))
             .to_std()
             .unwrap_or_default();
@@ -108,6 +114,7 @@ impl Attempt {
         let mut run = pin!(AssertUnwindSafe(self.handler.handle(job, ctx)).catch_unwind());
         let mut confirm = pin!(self.confirm_handover(id, attempt));
         let mut confirming = handed;
+        let mut given_back = false;
         // Biased, shutdown first: the handler sees `abort` through its
         // token in the same poll (a claimed job's is its child; a handed
         // one's is cancelled here), and must not turn the shutdown into a
@@ -149,9 +156,11 @@ impl Attempt {
             kept = &mut confirm, if confirming => {
                 confirming = false;
                 if !kept {
-                    // Given back meanwhile: it is no longer this attempt's.
+                    // Given back meanwhile: it is no longer this attempt's,
+                    // and its number may be another's now. Nothing to write.
                     warn!(queue = %self.queue, job_id = id, attempt,
                           "handed-over job was given back before it could be confirmed; cancelling");
+                    given_back = true;
                     cancelled.cancel();
                 }
                 continue;
@@ -161,31 +170,36 @@ impl Attempt {
         let took = started.elapsed();
         self.metrics.run_duration.record(took.as_secs_f64());
         self.runway.record_run(took);
+        if given_back {
+            return None;
+        }
         if let Outcome::Failed(error) = &outcome {
             warn!(queue = %self.queue, job_id = id, attempt, error = %error,
                   retry = ?error.retry(), "job attempt failed");
         }
-        outcome
+        Some(outcome)
     }
 
     /// For a handed-over job still running after [`CONFIRM_AFTER`]: tells
-    /// the database it runs here (see `store::confirm_handover`). False
-    /// when the job was given back meanwhile; a failed statement is logged
-    /// and counts as kept (the job stays this process's while its LISTEN
-    /// session lasts).
+    /// the database it runs here (see `store::confirm_handover`), trying
+    /// again each second while the database refuses. False when the job
+    /// was given back meanwhile.
     async fn confirm_handover(&self, id: i64, attempt: i32) -> bool {
         tokio::time::sleep(CONFIRM_AFTER).await;
-        let confirmed = async {
-            let client = self.pool.get().await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                store::confirm_handover(&client, id, attempt).await?,
-            )
-        };
-        match confirmed.await {
-            Ok(kept) => kept,
-            Err(error) => {
-                warn!(queue = %self.queue, job_id = id, %error, "confirming a handed-over job failed");
-                true
+        loop {
+            let confirmed = async {
+                let client = self.pool.get().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    store::confirm_handover(&client, id, attempt).await?,
+                )
+            };
+            match confirmed.await {
+                Ok(kept) => return kept,
+                Err(error) => {
+                    warn!(queue = %self.queue, job_id = id, %error,
+                          "confirming a handed-over job failed; trying again in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     }

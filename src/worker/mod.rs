@@ -207,11 +207,18 @@ impl QueueWorker {
             }
             if self.wakeup.take_listen_lost() {
                 // Cancels sent while the listener was away were not heard.
-                self.give_back(runway.take_all()).await;
-                self.give_back(self.wakeup.take_handed()).await;
+                // Jobs handed over since the new session began heard every
+                // cancel; others are given back.
+                let (handed, claimed): (Vec<Ready>, Vec<Ready>) = runway
+                    .take_all()
+                    .into_iter()
+                    .partition(|ready| ready.handed.is_some());
+                self.give_back(claimed).await;
+                let refused = runway.extend(self.current_handovers(handed));
+                self.give_back(refused).await;
                 readdress = true;
             }
-            let handed = self.wakeup.take_handed();
+            let handed = self.current_handovers(self.wakeup.take_handed());
             if !handed.is_empty() {
                 self.stats
                     .handed
@@ -404,7 +411,7 @@ impl QueueWorker {
                     lease_left: claim.lease_left,
                     cancelled,
                     claimed_at,
-                    handed: false,
+                    handed: None,
                 }
             });
             while let Some(slot) = permits.split(1) {
@@ -489,6 +496,21 @@ impl QueueWorker {
             runway: runway.clone(),
         };
         self.attempts.spawn(attempt.run(ready));
+    }
+
+    /// The jobs handed through this process's current LISTEN session. Those
+    /// handed through an earlier one are left to the rescuer, which gives
+    /// them back once that session has ended (by then their attempt numbers
+    /// may be a new claim's, which a give-back from here could release).
+    fn current_handovers(&self, handed: Vec<Ready>) -> Vec<Ready> {
+        let current = self.wakeup.address();
+        let (current, earlier): (Vec<Ready>, Vec<Ready>) = handed
+            .into_iter()
+            .partition(|ready| ready.handed == current);
+        for ready in earlier {
+            self.running.remove(ready.job.id, ready.job.attempt);
+        }
+        current
     }
 
     /// Gives claimed (or handed) jobs that never started back to their

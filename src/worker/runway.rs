@@ -46,9 +46,10 @@ pub struct Ready {
     /// Fires when the job is cancelled, or at the end of shutdown's grace.
     pub cancelled: CancellationToken,
     pub claimed_at: Instant,
-    /// Handed over by its insert (schema step 9) rather than claimed: a
-    /// long attempt confirms it ([`crate::store::confirm_handover`]).
-    pub handed: bool,
+    /// Handed over by its insert (schema step 9) rather than claimed: the
+    /// LISTEN session it came through. A long attempt confirms it
+    /// ([`crate::store::confirm_handover`]).
+    pub handed: Option<i32>,
 }
 
 impl Ready {
@@ -232,7 +233,7 @@ mod tests {
             lease_left,
             cancelled: CancellationToken::new(),
             claimed_at: Instant::now() - waited,
-            handed: false,
+            handed: None,
         }
     }
 

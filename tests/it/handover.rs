@@ -31,6 +31,14 @@ async fn job_row(client: &tokio_postgres::Client, id: i64) -> (String, i32, Opti
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// A job's lease, in whole seconds from its start.
+async fn lease_secs(client: &tokio_postgres::Client, id: i64) -> i64 {
+    let sql = format!(
+        "SELECT extract(epoch FROM lease_until - started_at)::bigint FROM pgtasks.job WHERE id = {id}"
+    );
+    count(client, &sql).await
+}
+
 /// The backend pid of the runtime's LISTEN session.
 async fn listener_pid(client: &tokio_postgres::Client) -> i32 {
     client
@@ -75,8 +83,9 @@ async fn a_job_inserted_while_the_worker_sleeps_is_handed_to_it_by_the_insert() 
     running.stopped().await;
 }
 
-/// `pgtasks.handover = off`, paused queues and payloads too large for a
-/// notification: the insert notifies only, and the worker claims the job.
+/// `pgtasks.handover = off`, paused queues, payloads too large for a
+/// notification and keyed rows (ON CONFLICT may drop them after the trigger
+/// ran): the insert notifies only, and the worker claims the job.
 #[tokio::test]
 async fn some_inserts_only_notify() {
     let db = TestDb::new().await;
@@ -106,6 +115,18 @@ async fn some_inserts_only_notify() {
     ran(&recorder, large).await;
     listening(&running).await;
 
+    let keyed: i64 = client
+        .query_one(
+            "INSERT INTO pgtasks.job (queue, singleton_key) VALUES ('readme-queue', 'k')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    ran(&recorder, keyed).await;
+    listening(&running).await;
+
     client
         .execute("SELECT pgtasks.pause_queue('readme-queue')", &[])
         .await
@@ -118,7 +139,7 @@ async fn some_inserts_only_notify() {
         .unwrap();
     ran(&recorder, paused).await;
 
-    for id in [off, large, paused] {
+    for id in [off, large, keyed, paused] {
         wait_for(&format!("job {id} to complete"), SECS_10, || async {
             (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
         })
@@ -183,6 +204,56 @@ async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
     running.stopped().await;
 }
 
+/// A live session that takes no notice of a job handed to it (half-open, or
+/// its pid now another process's) keeps it only for the handover's first
+/// lease; the rescuer then gives it back unburned, and that session stops
+/// being the queue's address.
+#[tokio::test]
+async fn a_job_handed_to_a_session_that_takes_no_notice_is_given_back_after_its_first_lease() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let mut config = db.config();
+    config.maintenance.rescue_interval = Duration::from_millis(100);
+    let (running, shutdown) = start_recording_with(config, &recorder).await;
+    let client = db.client().await;
+    let other = db.client().await;
+    let other_pid: i32 = other
+        .query_one("SELECT pgtasks.take_handovers('{}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    other
+        .execute(
+            "SELECT pgtasks.sleeper_at('readme-queue', $1)",
+            &[&other_pid],
+        )
+        .await
+        .unwrap();
+
+    let id = insert_job(&client, "readme-queue", json!({})).await;
+    assert_eq!(lease_secs(&client, id).await, 15);
+    // As if those 15 s had passed.
+    client
+        .execute(
+            "UPDATE pgtasks.job SET lease_until = now() - interval '1 second' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    ran(&recorder, id).await;
+    wait_for("the job to complete", SECS_10, || async {
+        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
+    })
+    .await;
+    let still_addressed =
+        format!("SELECT count(*) FROM pgtasks.queue_sleeper WHERE listener = {other_pid}");
+    assert_eq!(count(&client, &still_addressed).await, 0);
+    assert_eq!(recorder.runs().get(&id), Some(&1));
+    drop(other);
+    shutdown.cancel();
+    running.stopped().await;
+}
+
 /// A handed-over attempt that runs on confirms the job, so losing the LISTEN
 /// session it came through does not give it back while it runs.
 #[tokio::test]
@@ -210,6 +281,8 @@ async fn a_long_handed_over_attempt_outlives_its_listen_session() {
         (job_row(&client, id).await == ("active".into(), 1, None)).then_some(())
     })
     .await;
+    // The queue's lease (15 minutes) applies from then.
+    assert_eq!(lease_secs(&client, id).await, 900);
     assert!(started.lock().unwrap().contains(&id));
     assert_eq!(running.stats("ahead").unwrap().handed(), 1);
 
