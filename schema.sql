@@ -1367,9 +1367,9 @@ $step$;
 -- a round trip to a backend idle since the last job, ~0.5 ms of the ~0.55
 -- ms pickup. Now the insert that finds a worker asleep (job_inserted's WHEN
 -- clause, step 6) claims its row itself, in its BEFORE trigger (the row is
--- written once, already active), and sends the job in its notification,
--- addressed to one process's LISTEN session; that process starts it when
--- the notification arrives.
+-- written once, already active), and at commit (job_handed, a deferred
+-- trigger) sends the job in its notification, addressed to one process's
+-- LISTEN session; that process starts it when the notification arrives.
 --
 -- * The address: a process's LISTEN session holds
 --   listener_lock_key(pg_backend_pid()) for its life. It becomes the
@@ -1383,8 +1383,9 @@ $step$;
 --   first row and notifies for the rest, which the woken worker claims.
 --   That row starts ahead of any higher priority later in the same
 --   transaction; `SET LOCAL pgtasks.handover = off` (or for the session)
---   makes an insert notify only, as before. Jobs of policy queues, jobs
---   due later, paused queues and payloads beyond NOTIFY's limit take the
+--   makes an insert notify only, as before. Keyed rows, jobs of policy
+--   queues, jobs due later, paused queues, data beyond NOTIFY's limit and
+--   transactions that commit a second or more after they began take the
 --   usual path.
 -- * The row records the address in handed_to, and a first lease of at most
 --   15 s, until the attempt, if it runs for more than a moment, confirms it
@@ -1392,9 +1393,10 @@ $step$;
 --   unburned, an unconfirmed handover whose LISTEN session ended (the
 --   process crashed or lost that connection before it started the job, or
 --   while it was just starting) or whose first lease ran out
---   (release_handovers). A process keeps its LISTEN session until its
---   attempts have ended and their outcomes are written. Claims, and a
---   return to the queue, clear handed_to.
+--   (release_handovers). A process gives back at once what is handed to it
+--   while it stops, and keeps its LISTEN session until its attempts have
+--   ended and their outcomes are written. Claims, and a return to the
+--   queue, clear handed_to.
 DO $step$
 BEGIN
 IF EXISTS (SELECT 1 FROM pgtasks.schema_version WHERE version = 9) THEN
@@ -1463,9 +1465,7 @@ DECLARE
     queue_policy text;
     to_listener integer;
     queue_lease interval;
-    job_max_attempts integer;
     started timestamptz := now();
-    payload text;
 BEGIN
     -- (TG_ARGV is NULL when there are no arguments.)
     IF NOT standard THEN
@@ -1486,41 +1486,71 @@ BEGIN
     END IF;
     -- A worker sleeps on the queue.
     -- Not for keyed rows (ON CONFLICT may drop them after this trigger ran),
-    -- nor in a transaction that has run long already (the lease counts from
-    -- its start).
+    -- nor in a transaction that has run long already (the first lease
+    -- counts from its start), nor for data too large for a notification.
     IF standard AND NEW.state = 'created' AND NEW.policy IS NULL AND NEW.singleton_key IS NULL
        AND clock_timestamp() - started < interval '1 second'
-       AND coalesce(current_setting('pgtasks.handover', true), '') <> 'off' THEN
+       AND coalesce(current_setting('pgtasks.handover', true), '') <> 'off'
+       AND octet_length(NEW.data::text) < 7000 THEN
         SELECT s.listener INTO to_listener FROM pgtasks.queue_sleeper s WHERE s.queue = NEW.queue;
         IF FOUND AND NOT pg_try_advisory_xact_lock_shared(pgtasks.listener_lock_key(to_listener)) THEN
-            SELECT q.lease, coalesce(NEW.max_attempts, q.retry_limit + 1) INTO queue_lease, job_max_attempts
-              FROM pgtasks.queue q WHERE q.name = NEW.queue AND NOT q.paused;
+            SELECT q.lease INTO queue_lease FROM pgtasks.queue q WHERE q.name = NEW.queue AND NOT q.paused;
             IF FOUND THEN
-                payload := json_build_object(
-                    'to', to_listener, 'id', NEW.id, 'data', NEW.data, 'attempt', NEW.attempt + 1,
-                    'max_attempts', job_max_attempts, 'priority', NEW.priority,
-                    'created_at', NEW.created_at, 'run_at', NEW.run_at, 'started_at', started,
-                    'lease_until', started + queue_lease,
-                    'lease_left', extract(epoch FROM started + queue_lease - clock_timestamp()))::text;
+                NEW.state := 'active';
+                NEW.attempt := NEW.attempt + 1;
+                NEW.started_at := started;
+                -- Until the attempt confirms it (then the queue's lease applies).
+                NEW.lease_until := started + least(queue_lease, interval '15 seconds');
+                NEW.handed_to := to_listener;
+                PERFORM set_config('pgtasks.handover', 'off', true);
+                -- job_handed sends the job when the transaction commits.
+                RETURN NEW;
             END IF;
         END IF;
     END IF;
-    -- NOTIFY takes payloads shorter than 8000 bytes.
-    IF payload IS NULL OR octet_length(payload) >= 7900 THEN
-        PERFORM pg_notify('pgtasks.' || NEW.queue, '');
-        RETURN NEW;
-    END IF;
-    NEW.state := 'active';
-    NEW.attempt := NEW.attempt + 1;
-    NEW.started_at := started;
-    -- Until the attempt confirms it (then the queue's lease applies).
-    NEW.lease_until := started + least(queue_lease, interval '15 seconds');
-    NEW.handed_to := to_listener;
-    PERFORM set_config('pgtasks.handover', 'off', true);
-    PERFORM pg_notify('pgtasks.' || NEW.queue, payload);
+    PERFORM pg_notify('pgtasks.' || NEW.queue, '');
     RETURN NEW;
 END
 $fn$;
+
+-- At commit: sends a handed row, as it is then, to its LISTEN session. A
+-- transaction that committed too late for the row's first lease leaves an
+-- ordinary job (returned to the queue, which wakes a worker); so does one
+-- that changed or removed the row meanwhile.
+CREATE FUNCTION pgtasks.job_handed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    payload text;
+BEGIN
+    IF clock_timestamp() - now() < interval '1 second' THEN
+        SELECT json_build_object(
+                   'to', j.handed_to, 'id', j.id, 'data', j.data, 'attempt', j.attempt,
+                   'max_attempts', coalesce(j.max_attempts, q.retry_limit + 1),
+                   'priority', j.priority, 'created_at', j.created_at, 'run_at', j.run_at,
+                   'started_at', j.started_at, 'lease_until', j.started_at + q.lease,
+                   'lease_left', extract(epoch FROM j.started_at + q.lease - clock_timestamp()))::text
+          INTO payload
+          FROM pgtasks.job j JOIN pgtasks.queue q ON q.name = j.queue
+         WHERE j.id = NEW.id AND j.state = 'active' AND j.handed_to IS NOT NULL;
+        -- NOTIFY takes payloads shorter than 8000 bytes.
+        IF octet_length(payload) < 7900 THEN
+            PERFORM pg_notify('pgtasks.' || NEW.queue, payload);
+            RETURN NULL;
+        END IF;
+    END IF;
+    UPDATE pgtasks.job
+       SET state = 'created', attempt = attempt - 1, started_at = NULL, lease_until = NULL
+     WHERE id = NEW.id AND state = 'active' AND handed_to IS NOT NULL;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE CONSTRAINT TRIGGER job_handed
+    AFTER INSERT ON pgtasks.job
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW
+    WHEN (NEW.handed_to IS NOT NULL)
+    EXECUTE FUNCTION pgtasks.job_handed();
 
 -- For the maintenance leader: gives back, unburned, jobs handed over but
 -- not confirmed whose LISTEN session has ended, or that were not confirmed

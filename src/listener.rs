@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -39,8 +39,8 @@ use chrono::{DateTime, Utc};
 
 use crate::job::Job;
 use crate::store::{
-    SleepOn, AWAIT_DONE, DONE_AWAITED, FORGET_SLEEPER, SLEEPER_AT, SLEEP_ON, TAKE_HANDOVERS,
-    WAKE_FROM,
+    SleepOn, AWAIT_DONE, DONE_AWAITED, FORGET_SLEEPER, GIVE_BACK_HANDOVERS, SLEEPER_AT, SLEEP_ON,
+    TAKE_HANDOVERS, WAKE_FROM,
 };
 use crate::wakeup::{
     channel_name, QueueWakeup, Wakeups, CANCEL_CHANNEL, CHANNEL_PREFIX, DONE_CHANNEL,
@@ -216,11 +216,23 @@ pub struct Listener {
     /// API requests waiting for a job to finish (the sleep connection's
     /// count; it outlives sessions).
     awaiting_done: usize,
+    /// Fires when the process starts to stop; the LISTEN connection goes
+    /// on (cancels still reach running attempts) but a new session no
+    /// longer takes handovers.
+    stopping: CancellationToken,
+    /// Jobs handed to this session that no worker took (it stopped): given
+    /// back by the session itself, between notifications.
+    refused: Mutex<Vec<i64>>,
 }
 
 impl Listener {
     /// The LISTEN connection.
-    pub fn new(config: ListenerConfig, wakeups: Wakeups, status: Arc<ListenerStatus>) -> Self {
+    pub fn new(
+        config: ListenerConfig,
+        wakeups: Wakeups,
+        status: Arc<ListenerStatus>,
+        stopping: CancellationToken,
+    ) -> Self {
         let (_, requests) = mpsc::unbounded_channel();
         Listener {
             config,
@@ -229,6 +241,8 @@ impl Listener {
             requests,
             role: Role::Listen,
             awaiting_done: 0,
+            stopping,
+            refused: Mutex::default(),
         }
     }
 
@@ -245,6 +259,8 @@ impl Listener {
             requests,
             role: Role::Sleep,
             awaiting_done: 0,
+            stopping: CancellationToken::new(),
+            refused: Mutex::default(),
         }
     }
 
@@ -313,16 +329,18 @@ impl Listener {
                 .await??;
             // The address is known before it is recorded anywhere: a job
             // handed to it may arrive before the statement's answer.
-            let pid = self
-                .drive(
-                    client.query_one("SELECT pg_backend_pid()", &[]),
-                    &mut messages,
-                )
-                .await??;
-            self.wakeups.set_address(Some(pid.get(0)));
-            let queues: Vec<&str> = self.wakeups.queues().collect();
-            self.drive(client.execute(TAKE_HANDOVERS, &[&queues]), &mut messages)
-                .await??;
+            if !self.stopping.is_cancelled() {
+                let pid = self
+                    .drive(
+                        client.query_one("SELECT pg_backend_pid()", &[]),
+                        &mut messages,
+                    )
+                    .await??;
+                self.wakeups.set_address(Some(pid.get(0)));
+                let queues: Vec<&str> = self.wakeups.queues().collect();
+                self.drive(client.execute(TAKE_HANDOVERS, &[&queues]), &mut messages)
+                    .await??;
+            }
         }
         // Only the sleep connection serves requests (the LISTEN one's
         // channel has no sender).
@@ -387,6 +405,9 @@ impl Listener {
                 }
                 message = messages.next() => {
                     if let Err(e) = self.dispatch(message) { break Err(e) }
+                    if let Err(e) = self.give_back_refused(&client, &mut messages).await {
+                        break Err(e);
+                    }
                 }
                 Some(request) = self.requests.recv(), if locks.is_some() => {
                     let Some(locks) = locks.as_mut() else { continue };
@@ -446,7 +467,7 @@ impl Listener {
                         let params: [&(dyn ToSql + Sync); 2] = [&name, &address];
                         let recorded = client.execute(&locks.sleeper_at, &params);
                         if self
-                            .run_logged(recorded, "sleeper_at", Some(name), messages)
+                            .run_logged(recorded, "pgtasks.sleeper_at", Some(name), messages)
                             .await?
                             .is_some()
                         {
@@ -460,7 +481,7 @@ impl Listener {
                 let params: [&(dyn ToSql + Sync); 4] = [&name, &covered, &ARM_WAIT_MS, &address];
                 let asked = client.query_one(&locks.sleep_on, &params);
                 let Some(row) = self
-                    .run_logged(asked, "sleep_on", Some(name), messages)
+                    .run_logged(asked, "pgtasks.sleep_on", Some(name), messages)
                     .await?
                 else {
                     let _ = reply.send(None);
@@ -490,7 +511,7 @@ impl Listener {
                     // Refused: still held, as far as we know; the next
                     // request does not take it twice, and its end tries again.
                     if self
-                        .run_logged(released, "done_awaited", None, messages)
+                        .run_logged(released, "pgtasks.done_awaited", None, messages)
                         .await?
                         .is_some()
                     {
@@ -504,7 +525,7 @@ impl Listener {
                     let holding = held == SleepOn::Holding;
                     let params: [&(dyn ToSql + Sync); 2] = [&name, &holding];
                     let woken = client.execute(&locks.wake_from, &params);
-                    self.run_logged(woken, "wake_from", Some(name), messages)
+                    self.run_logged(woken, "pgtasks.wake_from", Some(name), messages)
                         .await?;
                 }
             }
@@ -525,7 +546,10 @@ impl Listener {
             return Ok(());
         }
         let asked = client.query_one(&locks.await_done, &[&AWAIT_DONE_WAIT_MS]);
-        if let Some(row) = self.run_logged(asked, "await_done", None, messages).await? {
+        if let Some(row) = self
+            .run_logged(asked, "pgtasks.await_done", None, messages)
+            .await?
+        {
             locks.done_held = row.get(0);
         }
         Ok(())
@@ -544,7 +568,7 @@ impl Listener {
         match self.drive(statement, messages).await? {
             Ok(output) => Ok(Some(output)),
             Err(e) if e.as_db_error().is_some() => {
-                warn!(queue, error = %e, "pgtasks.{function} failed");
+                warn!(queue, error = %e, "{function} failed");
                 Ok(None)
             }
             Err(e) => Err(e.into()),
@@ -587,7 +611,7 @@ impl Listener {
             if let Some(address) = address {
                 let params: [&(dyn ToSql + Sync); 1] = [&address];
                 let forgotten = client.execute(FORGET_SLEEPER, &params);
-                self.run_logged(forgotten, "forget_sleeper", None, messages)
+                self.run_logged(forgotten, "pgtasks.forget_sleeper", None, messages)
                     .await?;
             }
             for queue in queues {
@@ -678,11 +702,34 @@ impl Listener {
             .running()
             .insert(id, attempt, ready.cancelled.clone());
         if !wakeup.hand_over(ready) {
-            // The worker has stopped: once this session ends, the rescuer
-            // gives the job back.
+            // The worker has stopped.
             self.wakeups.running().remove(id, attempt);
-            debug!(job_id = id, "job handed over after the worker stopped");
+            if let Ok(mut refused) = self.refused.lock() {
+                refused.push(id);
+            }
         }
+    }
+
+    /// Gives back the jobs handed to this session that no worker took
+    /// (logged if refused: the rescuer does it once the session ends).
+    async fn give_back_refused(
+        &self,
+        client: &Client,
+        messages: &mut (impl Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin),
+    ) -> Result<(), SessionError> {
+        let ids = match self.refused.lock() {
+            Ok(mut refused) if !refused.is_empty() => std::mem::take(&mut *refused),
+            _ => return Ok(()),
+        };
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let given = client.execute(GIVE_BACK_HANDOVERS, &params);
+        if let Some(n) = self
+            .run_logged(given, "giving back handovers", None, messages)
+            .await?
+        {
+            debug!(jobs = n, "gave back jobs handed over while stopping");
+        }
+        Ok(())
     }
 }
 

@@ -237,7 +237,12 @@ impl Runtime {
                     sleep_requests,
                 );
                 tasks.spawn(sleeping.run(shutdown.clone()));
-                let listener = Listener::new(listener_config, wakeups.clone(), status.clone());
+                let listener = Listener::new(
+                    listener_config,
+                    wakeups.clone(),
+                    status.clone(),
+                    shutdown.clone(),
+                );
                 tasks.spawn(listener.run(stop_listening.clone()));
             } else {
                 info!(

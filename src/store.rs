@@ -530,6 +530,12 @@ pub const TAKE_HANDOVERS: &str = "SELECT pgtasks.take_handovers($1)";
 /// a worker holds the queue's lock (schema step 9).
 pub const SLEEPER_AT: &str = "SELECT pgtasks.sleeper_at($1, $2)";
 
+/// For the LISTEN connection: gives back (unburned) the jobs `$1` handed to
+/// its session that no worker took (the process is stopping).
+pub const GIVE_BACK_HANDOVERS: &str = "
+UPDATE pgtasks.job SET state = 'created', attempt = attempt - 1, started_at = NULL, lease_until = NULL
+ WHERE id = ANY($1) AND state = 'active' AND handed_to = pg_backend_pid()";
+
 /// For the sleep connection at shutdown: inserts stop handing jobs to this
 /// process's LISTEN session (`$1`).
 pub const FORGET_SLEEPER: &str = "SELECT pgtasks.forget_sleeper($1)";

@@ -93,12 +93,25 @@ impl QueueWakeup {
         Some(self.address.load(Ordering::Relaxed)).filter(|&a| a != 0)
     }
 
+    /// Whether the job was handed through an earlier LISTEN session than
+    /// the current one: the rescuer's then, which gives it back once that
+    /// session has ended (by then its attempt number may be a new claim's,
+    /// which a give-back or an outcome from here could hit).
+    pub fn handed_earlier(&self, ready: &Ready) -> bool {
+        ready.handed.is_some() && ready.handed != self.address()
+    }
+
     /// The jobs handed over since the last call.
     pub fn take_handed(&self) -> Vec<Ready> {
         self.handed
             .lock()
             .map(|mut h| std::mem::take(&mut h.jobs))
             .unwrap_or_default()
+    }
+
+    /// Whether the worker has stopped taking handovers.
+    pub fn handovers_closed(&self) -> bool {
+        self.handed.lock().map(|h| h.closed).unwrap_or(true)
     }
 
     /// The worker stops: takes what was handed over, and refuses the rest.

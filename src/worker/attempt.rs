@@ -24,7 +24,7 @@ use crate::handler::{HandlerResult, JobContext, JobError, SharedHandler};
 use crate::job::Job;
 use crate::metrics::QueueMetrics;
 use crate::store;
-use crate::wakeup::RunningJobs;
+use crate::wakeup::{QueueWakeup, RunningJobs};
 
 /// Once its token fires, a handler has this long to return on its own before
 /// its future is dropped.
@@ -56,12 +56,20 @@ pub struct Attempt {
     /// Where a cancel of this job finds its token.
     pub running: RunningJobs,
     pub runway: Arc<Runway>,
+    /// Tells jobs handed through an earlier LISTEN session.
+    pub wakeup: Arc<QueueWakeup>,
 }
 
 impl Attempt {
     pub async fn run(self, first: Ready) {
         let mut next = Some(first);
         while let Some(ready) = next {
+            if self.wakeup.handed_earlier(&ready) {
+                // The rescuer's (see `QueueWakeup::handed_earlier`).
+                self.running.remove(ready.job.id, ready.job.attempt);
+                next = self.runway.next();
+                continue;
+            }
             let lease_left = ready.lease_left_now();
             let Ready {
                 job,
@@ -121,50 +129,50 @@ impl Attempt {
         // failed attempt by returning before this select notices it.
         let outcome = loop {
             break tokio::select! {
-            biased;
-            _ = abort.cancelled() => {
-                cancelled.cancel();
-                // Whatever the handler returns short of success was cut short
-                // by the shutdown, not by the job: give the attempt back.
-                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
-                    Ok(Ok(Ok(output))) => Outcome::Completed(output),
-                    _ => Outcome::Released,
-                }
-            }
-            _ = tokio::time::sleep_until(lease_end) => {
-                cancelled.cancel();
-                match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
-                    Ok(result) => match outcome_of(result) {
-                        Outcome::Failed(error) => Outcome::Failed(JobError::new(format!(
-                            "lease expired: the attempt ran longer than {lease_left:.0?} ({})",
-                            error.message()
-                        ))),
-                        finished => finished,
-                    },
-                    Err(_) => Outcome::Failed(JobError::new(format!(
-                        "lease expired: the attempt ran longer than {lease_left:.0?}"
-                    ))),
-                }
-            }
-            result = &mut run => outcome_of(result),
-            _ = cancelled.cancelled() => {
-                // The job was cancelled: it is no longer active, so whatever
-                // is acked here is ignored. Give the handler its second.
-                let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
-                Outcome::Failed(JobError::new("cancelled while running"))
-            }
-            kept = &mut confirm, if confirming => {
-                confirming = false;
-                if !kept {
-                    // Given back meanwhile: it is no longer this attempt's,
-                    // and its number may be another's now. Nothing to write.
-                    warn!(queue = %self.queue, job_id = id, attempt,
-                          "handed-over job was given back before it could be confirmed; cancelling");
-                    given_back = true;
+                biased;
+                _ = abort.cancelled() => {
                     cancelled.cancel();
+                    // Whatever the handler returns short of success was cut short
+                    // by the shutdown, not by the job: give the attempt back.
+                    match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                        Ok(Ok(Ok(output))) => Outcome::Completed(output),
+                        _ => Outcome::Released,
+                    }
                 }
-                continue;
-            }
+                _ = tokio::time::sleep_until(lease_end) => {
+                    cancelled.cancel();
+                    match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                        Ok(result) => match outcome_of(result) {
+                            Outcome::Failed(error) => Outcome::Failed(JobError::new(format!(
+                                "lease expired: the attempt ran longer than {lease_left:.0?} ({})",
+                                error.message()
+                            ))),
+                            finished => finished,
+                        },
+                        Err(_) => Outcome::Failed(JobError::new(format!(
+                            "lease expired: the attempt ran longer than {lease_left:.0?}"
+                        ))),
+                    }
+                }
+                kept = &mut confirm, if confirming => {
+                    confirming = false;
+                    if !kept {
+                        // Given back meanwhile: it is no longer this attempt's,
+                        // and its number may be another's now. Nothing to write.
+                        warn!(queue = %self.queue, job_id = id, attempt,
+                              "handed-over job was given back before it could be confirmed; cancelling");
+                        given_back = true;
+                        cancelled.cancel();
+                    }
+                    continue;
+                }
+                result = &mut run => outcome_of(result),
+                _ = cancelled.cancelled() => {
+                    // The job was cancelled: it is no longer active, so whatever
+                    // is acked here is ignored. Give the handler its second.
+                    let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
+                    Outcome::Failed(JobError::new("cancelled while running"))
+                }
             };
         };
         let took = started.elapsed();

@@ -359,8 +359,9 @@ impl QueueWorker {
         }
         self.stats.waiting.store(false, Ordering::Relaxed);
         self.wake_up(waiting);
-        self.give_back(runway.close()).await;
-        self.give_back(self.wakeup.close_handed()).await;
+        self.give_back(self.current_handovers(runway.close())).await;
+        self.give_back(self.current_handovers(self.wakeup.close_handed()))
+            .await;
     }
 
     /// Claims up to the free slots, again while claims come back full and
@@ -494,19 +495,17 @@ impl QueueWorker {
             pool: self.pool.clone(),
             running: self.running.clone(),
             runway: runway.clone(),
+            wakeup: self.wakeup.clone(),
         };
         self.attempts.spawn(attempt.run(ready));
     }
 
-    /// The jobs handed through this process's current LISTEN session. Those
-    /// handed through an earlier one are left to the rescuer, which gives
-    /// them back once that session has ended (by then their attempt numbers
-    /// may be a new claim's, which a give-back from here could release).
+    /// The jobs handed through this process's current LISTEN session; those
+    /// handed through an earlier one are left to the rescuer.
     fn current_handovers(&self, handed: Vec<Ready>) -> Vec<Ready> {
-        let current = self.wakeup.address();
-        let (current, earlier): (Vec<Ready>, Vec<Ready>) = handed
+        let (earlier, current): (Vec<Ready>, Vec<Ready>) = handed
             .into_iter()
-            .partition(|ready| ready.handed == current);
+            .partition(|ready| self.wakeup.handed_earlier(ready));
         for ready in earlier {
             self.running.remove(ready.job.id, ready.job.attempt);
         }

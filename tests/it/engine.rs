@@ -70,9 +70,10 @@ async fn burst_of_1000_rows_is_few_wakeups_and_every_job_runs_once() {
         2,
         "one statement, two notifications"
     );
-    // Each may wake it, and one permit may be kept while it claims.
+    // Each may wake it, as may the wakeups of the start (the listener's and
+    // the sleep connection's) if still pending: few, not a thousand.
     assert!(
-        stats.notified() <= 3,
+        stats.notified() <= 4,
         "notified wakeups: {}",
         stats.notified()
     );

@@ -307,3 +307,103 @@ async fn a_long_handed_over_attempt_outlives_its_listen_session() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+/// An insert whose transaction commits a second or more after it began
+/// (the handover's first lease counts from there): at commit the row is
+/// returned to the queue, and the worker claims it.
+#[tokio::test]
+async fn a_late_commit_leaves_an_ordinary_job() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let stats = running.stats("readme-queue").unwrap();
+    let mut client = db.client().await;
+
+    let tx = client.transaction().await.unwrap();
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO pgtasks.job (queue) VALUES ('readme-queue') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let handed: Option<i32> = tx
+        .query_one("SELECT handed_to FROM pgtasks.job WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(handed.is_some(), "handed over at insert");
+    tx.execute("SELECT pg_sleep(1.1)", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    ran(&recorder, id).await;
+    wait_for("the job to complete", SECS_10, || async {
+        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
+    })
+    .await;
+    assert_eq!(stats.handed(), 0);
+    assert_eq!(recorder.runs().get(&id), Some(&1));
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// A stopping process whose worker no longer takes jobs gives back what is
+/// handed to it at once, through its LISTEN session (kept while attempts
+/// finish), not when that session ends.
+#[tokio::test]
+async fn a_stopping_process_gives_back_what_is_handed_to_it() {
+    let db = TestDb::new().await;
+    let mut config = db.config();
+    config.worker.shutdown_grace = SECS_10;
+    let started = Arc::new(Mutex::new(HashSet::new()));
+    let gate = Arc::new(Semaphore::new(0));
+    let shutdown = CancellationToken::new();
+    let running = Runtime::new(config)
+        .queue(
+            "ahead",
+            QueueConfig::default(),
+            gated(started.clone(), gate.clone()),
+        )
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    listening(&running).await;
+    let client = db.client().await;
+    let pid = listener_pid(&client).await;
+
+    // An attempt keeps the process in its grace period.
+    let held = insert_job(&client, "ahead", json!({ "hold": true })).await;
+    wait_for("the held job to start", SECS_10, || async {
+        started.lock().unwrap().contains(&held).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    let wakeup = running.wakeup("ahead").unwrap();
+    wait_for("the worker to stop taking handovers", SECS_10, || async {
+        wakeup.handovers_closed().then_some(())
+    })
+    .await;
+
+    // This session sleeps on the queue, and names the stopping process's
+    // LISTEN session as its address: the next insert is handed to it.
+    let other = db.client().await;
+    other
+        .execute("SELECT pgtasks.sleep_on('ahead', false, '1 second')", &[])
+        .await
+        .unwrap();
+    other
+        .execute("SELECT pgtasks.sleeper_at('ahead', $1)", &[&pid])
+        .await
+        .unwrap();
+    let id = insert_job(&client, "ahead", json!({})).await;
+    wait_for("the handed job to be given back", SECS_10, || async {
+        (job_row(&client, id).await == ("created".into(), 0, None)).then_some(())
+    })
+    .await;
+    assert_eq!(listener_pid(&client).await, pid, "the session still lasts");
+    assert!(!started.lock().unwrap().contains(&id));
+
+    gate.add_permits(1);
+    running.stopped().await;
+}
