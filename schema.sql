@@ -1416,12 +1416,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
     SELECT (hashtext('pgtasks.listener')::bigint << 32) | (listener::bigint & 4294967295)
 $fn$;
 
--- Records `listener` as where to hand the queue's jobs.
+-- Records `listener` as where to hand the queue's jobs. Reads first: an
+-- upsert locks the row even when it changes nothing, and every arm would
+-- then write and wait for its commit's WAL flush.
 CREATE FUNCTION pgtasks.sleeper_at(queue text, listener integer) RETURNS void
 LANGUAGE sql AS $fn$
-    INSERT INTO pgtasks.queue_sleeper AS s (queue, listener) VALUES ($1, $2)
+    INSERT INTO pgtasks.queue_sleeper AS s (queue, listener)
+    SELECT $1, $2
+     WHERE NOT EXISTS (SELECT 1 FROM pgtasks.queue_sleeper WHERE queue = $1 AND listener = $2)
     ON CONFLICT ON CONSTRAINT queue_sleeper_pkey DO UPDATE SET listener = EXCLUDED.listener
-        WHERE s.listener <> EXCLUDED.listener
 $fn$;
 
 -- For a process's sleep connection at shutdown: inserts stop handing jobs
@@ -1465,7 +1468,9 @@ DECLARE
     queue_policy text;
     to_listener integer;
     queue_lease interval;
+    job_max_attempts integer;
     started timestamptz := now();
+    payload text;
 BEGIN
     -- (TG_ARGV is NULL when there are no arguments.)
     IF NOT standard THEN
@@ -1487,56 +1492,54 @@ BEGIN
     -- A worker sleeps on the queue.
     -- Not for keyed rows (ON CONFLICT may drop them after this trigger ran),
     -- nor in a transaction that has run long already (the first lease
-    -- counts from its start), nor for data too large for a notification.
+    -- counts from its start), nor twice in one transaction.
     IF standard AND NEW.state = 'created' AND NEW.policy IS NULL AND NEW.singleton_key IS NULL
        AND clock_timestamp() - started < interval '1 second'
        AND coalesce(current_setting('pgtasks.handover', true), '') <> 'off'
-       AND octet_length(NEW.data::text) < 7000 THEN
-        SELECT s.listener INTO to_listener FROM pgtasks.queue_sleeper s WHERE s.queue = NEW.queue;
+       AND coalesce(current_setting('pgtasks.handed', true), '') = '' THEN
+        SELECT s.listener, q.lease, coalesce(NEW.max_attempts, q.retry_limit + 1)
+          INTO to_listener, queue_lease, job_max_attempts
+          FROM pgtasks.queue_sleeper s JOIN pgtasks.queue q ON q.name = s.queue
+         WHERE s.queue = NEW.queue AND NOT q.paused;
         IF FOUND AND NOT pg_try_advisory_xact_lock_shared(pgtasks.listener_lock_key(to_listener)) THEN
-            SELECT q.lease INTO queue_lease FROM pgtasks.queue q WHERE q.name = NEW.queue AND NOT q.paused;
-            IF FOUND THEN
-                NEW.state := 'active';
-                NEW.attempt := NEW.attempt + 1;
-                NEW.started_at := started;
-                -- Until the attempt confirms it (then the queue's lease applies).
-                NEW.lease_until := started + least(queue_lease, interval '15 seconds');
-                NEW.handed_to := to_listener;
-                PERFORM set_config('pgtasks.handover', 'off', true);
-                -- job_handed sends the job when the transaction commits.
-                RETURN NEW;
-            END IF;
+            payload := json_build_object(
+                'to', to_listener, 'id', NEW.id, 'data', NEW.data, 'attempt', NEW.attempt + 1,
+                'max_attempts', job_max_attempts, 'priority', NEW.priority,
+                'created_at', NEW.created_at, 'run_at', NEW.run_at, 'started_at', started,
+                'lease_until', started + queue_lease,
+                'lease_left', extract(epoch FROM started + queue_lease - clock_timestamp()))::text;
         END IF;
     END IF;
-    PERFORM pg_notify('pgtasks.' || NEW.queue, '');
+    -- NOTIFY takes payloads shorter than 8000 bytes.
+    IF payload IS NULL OR octet_length(payload) >= 7900 THEN
+        PERFORM pg_notify('pgtasks.' || NEW.queue, '');
+        RETURN NEW;
+    END IF;
+    NEW.state := 'active';
+    NEW.attempt := NEW.attempt + 1;
+    NEW.started_at := started;
+    -- Until the attempt confirms it (then the queue's lease applies).
+    NEW.lease_until := started + least(queue_lease, interval '15 seconds');
+    NEW.handed_to := to_listener;
+    -- For job_handed, which sends it when the transaction commits.
+    PERFORM set_config('pgtasks.handed', payload, true);
     RETURN NEW;
 END
 $fn$;
 
--- At commit: sends a handed row, as it is then, to its LISTEN session. A
--- transaction that committed too late for the row's first lease leaves an
--- ordinary job (returned to the queue, which wakes a worker); so does one
--- that changed or removed the row meanwhile.
+-- At commit: sends the handed row to its LISTEN session. A transaction that
+-- committed too late for the row's first lease leaves an ordinary job
+-- (returned to the queue, which wakes a worker); so does one that changed
+-- the row meanwhile (nothing is sent for a row it removed).
 CREATE FUNCTION pgtasks.job_handed() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
-DECLARE
-    payload text;
 BEGIN
-    IF clock_timestamp() - now() < interval '1 second' THEN
-        SELECT json_build_object(
-                   'to', j.handed_to, 'id', j.id, 'data', j.data, 'attempt', j.attempt,
-                   'max_attempts', coalesce(j.max_attempts, q.retry_limit + 1),
-                   'priority', j.priority, 'created_at', j.created_at, 'run_at', j.run_at,
-                   'started_at', j.started_at, 'lease_until', j.started_at + q.lease,
-                   'lease_left', extract(epoch FROM j.started_at + q.lease - clock_timestamp()))::text
-          INTO payload
-          FROM pgtasks.job j JOIN pgtasks.queue q ON q.name = j.queue
-         WHERE j.id = NEW.id AND j.state = 'active' AND j.handed_to IS NOT NULL;
-        -- NOTIFY takes payloads shorter than 8000 bytes.
-        IF octet_length(payload) < 7900 THEN
-            PERFORM pg_notify('pgtasks.' || NEW.queue, payload);
-            RETURN NULL;
-        END IF;
+    IF clock_timestamp() - now() < interval '1 second'
+       AND EXISTS (SELECT 1 FROM pgtasks.job j
+                    WHERE j.id = NEW.id AND j.state = 'active' AND j.handed_to = NEW.handed_to
+                      AND j.attempt = NEW.attempt) THEN
+        PERFORM pg_notify('pgtasks.' || NEW.queue, current_setting('pgtasks.handed'));
+        RETURN NULL;
     END IF;
     UPDATE pgtasks.job
        SET state = 'created', attempt = attempt - 1, started_at = NULL, lease_until = NULL

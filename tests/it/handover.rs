@@ -407,3 +407,41 @@ async fn a_stopping_process_gives_back_what_is_handed_to_it() {
     gate.add_permits(1);
     running.stopped().await;
 }
+
+/// A row its own transaction cancels before committing is not sent: the
+/// job never runs.
+#[tokio::test]
+async fn a_job_cancelled_by_its_inserting_transaction_is_not_sent() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let mut client = db.client().await;
+
+    let tx = client.transaction().await.unwrap();
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO pgtasks.job (queue) VALUES ('readme-queue') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.execute("SELECT pgtasks.cancel_job($1)", &[&id])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // Anything sent for it would have arrived before this one's wakeup.
+    listening(&running).await;
+    let next = insert_job(&client, "readme-queue", json!({})).await;
+    ran(&recorder, next).await;
+    assert!(!recorder.runs().contains_key(&id));
+    let state: String = client
+        .query_one("SELECT state::text FROM pgtasks.job WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "cancelled");
+    shutdown.cancel();
+    running.stopped().await;
+}
