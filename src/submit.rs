@@ -103,15 +103,19 @@ async fn run(
         if requests.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
+        // A lone submit to an idle service may be handed to a sleeping
+        // worker (schema step 9); under load, handovers would slow the
+        // inserts every submit waits for.
+        let idle = batch.len() == 1 && slots.available_permits() + 1 == max_in_flight;
         let pool = pool.clone();
         inserts.spawn(async move {
-            insert_batch(&pool, batch).await;
+            insert_batch(&pool, batch, idle).await;
             drop(slot);
         });
     }
 }
 
-async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
+async fn insert_batch(pool: &Pool, batch: Vec<Request>, hand_over: bool) {
     metrics::histogram!("pgtasks_submit_batch_size").record(batch.len() as f64);
     // Keyed jobs may be duplicates: `pgtasks.send` decides each one.
     let (keyed, plain): (Vec<Request>, Vec<Request>) = batch
@@ -126,7 +130,7 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
     }
     let (jobs, replies): (Vec<NewJob>, Vec<_>) =
         plain.into_iter().map(|r| (r.job, r.reply)).unzip();
-    match insert(pool, &jobs).await {
+    match insert(pool, &jobs, hand_over).await {
         Ok(ids) => {
             for (reply, id) in replies.into_iter().zip(ids) {
                 let _ = reply.send(Ok(Sent {
@@ -162,15 +166,15 @@ async fn insert_batch(pool: &Pool, batch: Vec<Request>) {
     }
 }
 
-async fn insert(pool: &Pool, jobs: &[NewJob]) -> Result<Vec<i64>, SubmitError> {
+async fn insert(pool: &Pool, jobs: &[NewJob], hand_over: bool) -> Result<Vec<i64>, SubmitError> {
     let client = pool.get().await?;
-    Ok(store::insert_jobs(&client, jobs).await?)
+    Ok(store::insert_jobs_handing_over(&client, jobs, hand_over).await?)
 }
 
 /// One row alone; a row a queue policy refuses gets the job holding its
 /// place, as a duplicate (`pgtasks.send`).
 async fn insert_one(pool: &Pool, job: &NewJob) -> Result<Sent, SubmitError> {
-    match insert(pool, std::slice::from_ref(job)).await {
+    match insert(pool, std::slice::from_ref(job), false).await {
         Ok(ids) => Ok(Sent {
             id: ids[0],
             duplicate: false,

@@ -223,7 +223,10 @@ impl QueueWorker {
                 self.stats
                     .handed
                     .fetch_add(handed.len() as u64, Ordering::Relaxed);
-                // Busy now, as after a claim that took jobs.
+                // Busy now, as after a claim that took jobs: inserts need
+                // not notify (nor hand over to) this process until it arms
+                // again, so concurrent inserts are not serialised by
+                // NOTIFY's commit lock while it works.
                 waiting = self.wake_up(waiting);
                 // In order, after any claimed ahead; those without a free
                 // slot wait there.

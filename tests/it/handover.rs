@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgtasks::config::QueueConfig;
+use pgtasks::store::NewJob;
 use pgtasks::Runtime;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -29,6 +30,38 @@ async fn job_row(client: &tokio_postgres::Client, id: i64) -> (String, i32, Opti
         .await
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
+}
+
+/// A session of the test's that becomes `queue`'s address, as a process's
+/// LISTEN session does (but it never listens); its pid.
+async fn another_address(db: &TestDb, queue: &str) -> (tokio_postgres::Client, i32) {
+    let other = db.client().await;
+    let pid: i32 = other
+        .query_one("SELECT pgtasks.take_handovers('{}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    other
+        .execute("SELECT pgtasks.sleeper_at($1, $2)", &[&queue, &pid])
+        .await
+        .unwrap();
+    (other, pid)
+}
+
+/// A recording runtime whose rescuer runs every 100 ms.
+async fn start_rescuing(db: &TestDb, recorder: &Recorder) -> (pgtasks::Running, CancellationToken) {
+    let mut config = db.config();
+    config.maintenance.rescue_interval = Duration::from_millis(100);
+    start_recording_with(config, recorder).await
+}
+
+/// Waits until the job completed in its first attempt, not handed over (or
+/// given back since).
+async fn completed_as_claimed(client: &tokio_postgres::Client, id: i64) {
+    wait_for(&format!("job {id} to complete"), SECS_10, || async {
+        (job_row(client, id).await == ("completed".into(), 1, None)).then_some(())
+    })
+    .await;
 }
 
 /// A job's lease, in whole seconds from its start.
@@ -140,10 +173,7 @@ async fn some_inserts_only_notify() {
     ran(&recorder, paused).await;
 
     for id in [off, large, keyed, paused] {
-        wait_for(&format!("job {id} to complete"), SECS_10, || async {
-            (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
-        })
-        .await;
+        completed_as_claimed(&client, id).await;
     }
     assert_eq!(stats.handed(), 0);
     shutdown.cancel();
@@ -158,25 +188,9 @@ async fn some_inserts_only_notify() {
 async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let mut config = db.config();
-    config.maintenance.rescue_interval = Duration::from_millis(100);
-    let (running, shutdown) = start_recording_with(config, &recorder).await;
+    let (running, shutdown) = start_rescuing(&db, &recorder).await;
     let client = db.client().await;
-
-    // Another session becomes the queue's address, as a LISTEN session does.
-    let other = db.client().await;
-    let other_pid: i32 = other
-        .query_one("SELECT pgtasks.take_handovers('{}')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    other
-        .execute(
-            "SELECT pgtasks.sleeper_at('readme-queue', $1)",
-            &[&other_pid],
-        )
-        .await
-        .unwrap();
+    let (other, other_pid) = another_address(&db, "readme-queue").await;
 
     let id = insert_job(&client, "readme-queue", json!({})).await;
     assert_eq!(
@@ -195,10 +209,7 @@ async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
 
     drop(other);
     ran(&recorder, id).await;
-    wait_for("the job to complete", SECS_10, || async {
-        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
-    })
-    .await;
+    completed_as_claimed(&client, id).await;
     assert_eq!(recorder.runs().get(&id), Some(&1));
     shutdown.cancel();
     running.stopped().await;
@@ -212,23 +223,9 @@ async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
 async fn a_job_handed_to_a_session_that_takes_no_notice_is_given_back_after_its_first_lease() {
     let db = TestDb::new().await;
     let recorder = Recorder::default();
-    let mut config = db.config();
-    config.maintenance.rescue_interval = Duration::from_millis(100);
-    let (running, shutdown) = start_recording_with(config, &recorder).await;
+    let (running, shutdown) = start_rescuing(&db, &recorder).await;
     let client = db.client().await;
-    let other = db.client().await;
-    let other_pid: i32 = other
-        .query_one("SELECT pgtasks.take_handovers('{}')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    other
-        .execute(
-            "SELECT pgtasks.sleeper_at('readme-queue', $1)",
-            &[&other_pid],
-        )
-        .await
-        .unwrap();
+    let (other, other_pid) = another_address(&db, "readme-queue").await;
 
     let id = insert_job(&client, "readme-queue", json!({})).await;
     assert_eq!(lease_secs(&client, id).await, 15);
@@ -241,10 +238,7 @@ async fn a_job_handed_to_a_session_that_takes_no_notice_is_given_back_after_its_
         .await
         .unwrap();
     ran(&recorder, id).await;
-    wait_for("the job to complete", SECS_10, || async {
-        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
-    })
-    .await;
+    completed_as_claimed(&client, id).await;
     let still_addressed =
         format!("SELECT count(*) FROM pgtasks.queue_sleeper WHERE listener = {other_pid}");
     assert_eq!(count(&client, &still_addressed).await, 0);
@@ -300,10 +294,7 @@ async fn a_long_handed_over_attempt_outlives_its_listen_session() {
         0
     );
     gate.add_permits(1);
-    wait_for("the job to complete", SECS_10, || async {
-        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
-    })
-    .await;
+    completed_as_claimed(&client, id).await;
     shutdown.cancel();
     running.stopped().await;
 }
@@ -338,10 +329,7 @@ async fn a_late_commit_leaves_an_ordinary_job() {
     tx.commit().await.unwrap();
 
     ran(&recorder, id).await;
-    wait_for("the job to complete", SECS_10, || async {
-        (job_row(&client, id).await == ("completed".into(), 1, None)).then_some(())
-    })
-    .await;
+    completed_as_claimed(&client, id).await;
     assert_eq!(stats.handed(), 0);
     assert_eq!(recorder.runs().get(&id), Some(&1));
     shutdown.cancel();
@@ -442,6 +430,45 @@ async fn a_job_cancelled_by_its_inserting_transaction_is_not_sent() {
         .unwrap()
         .get(0);
     assert_eq!(state, "cancelled");
+    shutdown.cancel();
+    running.stopped().await;
+}
+
+/// `store::insert_jobs` (the path of `Client::send_batch`, and of the HTTP
+/// submitter when idle) hands over a single job, but not a batch, plain or
+/// with options: the worker claims those in priority order.
+#[tokio::test]
+async fn insert_jobs_hands_over_a_single_job_but_not_a_batch() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let stats = running.stats("readme-queue").unwrap();
+    let client = db.client().await;
+    let pid = listener_pid(&client).await;
+    let jobs = pgtasks::Client::connect(&db.url).unwrap();
+
+    let one = jobs
+        .send_batch(&[NewJob::new("readme-queue", json!({}))])
+        .await
+        .unwrap();
+    ran(&recorder, one[0]).await;
+    wait_for("the single job to complete", SECS_10, || async {
+        (job_row(&client, one[0]).await == ("completed".into(), 1, Some(pid))).then_some(())
+    })
+    .await;
+
+    let plain = vec![NewJob::new("readme-queue", json!({})); 3];
+    let mut with_options = plain.clone();
+    for (n, job) in with_options.iter_mut().enumerate() {
+        job.priority = Some(n as i32);
+    }
+    for batch in [plain, with_options] {
+        listening(&running).await;
+        for id in jobs.send_batch(&batch).await.unwrap() {
+            completed_as_claimed(&client, id).await;
+        }
+    }
+    assert_eq!(stats.handed(), 1);
     shutdown.cancel();
     running.stopped().await;
 }
