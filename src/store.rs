@@ -142,7 +142,7 @@ SELECT queue, data, coalesce(priority, 0),
        coalesce(run_at, now() + delay_secs * interval '1 second', now()), max_attempts, singleton_key
   FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[], $5::float8[], $6::int[], $7::text[])
        WITH ORDINALITY AS j(queue, data, priority, run_at, delay_secs, max_attempts, singleton_key, n)
- WHERE $8::bool OR set_config('pgtasks.handover', 'off', true) = 'off'
+ WHERE $8::bool OR (SELECT set_config('pgtasks.handover', 'off', true)) = 'off'
  ORDER BY n
 RETURNING id";
 
@@ -153,7 +153,7 @@ const INSERT_PLAIN_JOBS: &str = "
 INSERT INTO pgtasks.job (queue, data)
 SELECT queue, data
   FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS j(queue, data, n)
- WHERE $3::bool OR set_config('pgtasks.handover', 'off', true) = 'off'
+ WHERE $3::bool OR (SELECT set_config('pgtasks.handover', 'off', true)) = 'off'
  ORDER BY n
 RETURNING id";
 
@@ -167,7 +167,7 @@ pub async fn insert_jobs(client: &impl GenericClient, jobs: &[NewJob]) -> Result
 
 /// [`insert_jobs`], handing a job to a sleeping worker only if
 /// `hand_over`; if not, `pgtasks.handover = off` holds for the rest of the
-/// transaction (set before the first row). The HTTP submitter hands over
+/// transaction (set once, by an InitPlan, before the first row). The HTTP submitter hands over
 /// only when idle: a handover makes its insert slower (measured: 12.6–13.6k
 /// req/s without handovers under load, 11.8–12.4k with them).
 pub async fn insert_jobs_handing_over(
@@ -525,7 +525,7 @@ pub async fn fail_jobs(
 const RELEASE_JOBS: &str = "
 UPDATE pgtasks.job j
    SET state = CASE WHEN j.attempt <= 1 THEN 'created' ELSE 'retry' END::pgtasks.job_state,
-       attempt = j.attempt - 1, started_at = NULL, lease_until = NULL
+       attempt = j.attempt - 1, started_at = NULL, lease_until = NULL, handed_to = NULL
   FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
  WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = 'active'";
 
@@ -553,7 +553,9 @@ pub const SLEEPER_AT: &str = "SELECT pgtasks.sleeper_at($1, $2)";
 /// For the LISTEN connection: gives back (unburned) the jobs `$1` handed to
 /// its session that no worker took (the process is stopping).
 pub const GIVE_BACK_HANDOVERS: &str = "
-UPDATE pgtasks.job SET state = 'created', attempt = attempt - 1, started_at = NULL, lease_until = NULL
+UPDATE pgtasks.job
+   SET state = 'created', attempt = attempt - 1, started_at = NULL, lease_until = NULL,
+       handed_to = NULL
  WHERE id = ANY($1) AND state = 'active' AND handed_to = pg_backend_pid()";
 
 /// For the sleep connection at shutdown: inserts stop handing jobs to this

@@ -472,3 +472,31 @@ async fn insert_jobs_hands_over_a_single_job_but_not_a_batch() {
     shutdown.cancel();
     running.stopped().await;
 }
+
+/// A handed job that returns to the queue unconfirmed (here failed by
+/// `fail_jobs`, as the rescuer and the completer fail jobs) is an ordinary
+/// job again: no longer tied to the session it was handed to.
+#[tokio::test]
+async fn a_handed_job_that_fails_waits_as_an_ordinary_one() {
+    let db = TestDb::new().await;
+    let recorder = Recorder::default();
+    let (running, shutdown) = start_recording(&db, &recorder).await;
+    let client = db.client().await;
+    let (_other, other_pid) = another_address(&db, "readme-queue").await;
+
+    let id = insert_job(&client, "readme-queue", json!({})).await;
+    assert_eq!(
+        job_row(&client, id).await,
+        ("active".into(), 1, Some(other_pid))
+    );
+    client
+        .execute(
+            "SELECT pgtasks.fail_jobs(ARRAY[$1::bigint], ARRAY[1], ARRAY['failed'])",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(job_row(&client, id).await, ("retry".into(), 1, None));
+    shutdown.cancel();
+    running.stopped().await;
+}
