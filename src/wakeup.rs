@@ -35,7 +35,23 @@ pub struct QueueWakeup {
     /// worker starts them; closed when the worker stops.
     handed: Mutex<Handed>,
     /// The process's LISTEN session (see [`Wakeups::address`]).
-    address: Arc<AtomicI32>,
+    address: Address,
+}
+
+/// This process's LISTEN session while it is up: its backend pid, the
+/// address inserts hand jobs to (schema step 9). Shared by the listener,
+/// which sets it, and every queue's wakeup.
+#[derive(Debug, Default, Clone)]
+struct Address(Arc<AtomicI32>);
+
+impl Address {
+    fn get(&self) -> Option<i32> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&a| a != 0)
+    }
+
+    fn set(&self, address: Option<i32>) {
+        self.0.store(address.unwrap_or(0), Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +106,7 @@ impl QueueWakeup {
 
     /// This process's current LISTEN session, where inserts hand jobs.
     pub fn address(&self) -> Option<i32> {
-        Some(self.address.load(Ordering::Relaxed)).filter(|&a| a != 0)
+        self.address.get()
     }
 
     /// Whether the job was handed through an earlier LISTEN session than
@@ -266,14 +282,12 @@ pub struct Wakeups {
     queues: Arc<HashMap<String, Arc<QueueWakeup>>>,
     running: RunningJobs,
     finished: FinishedJobs,
-    /// This process's LISTEN session while it is up (its backend pid, the
-    /// address inserts hand jobs to), else 0.
-    address: Arc<AtomicI32>,
+    address: Address,
 }
 
 impl Wakeups {
     pub fn new<'a>(queues: impl IntoIterator<Item = &'a str>) -> Self {
-        let address: Arc<AtomicI32> = Arc::default();
+        let address = Address::default();
         let wakeup = |q: &str| {
             let wakeup = QueueWakeup {
                 address: address.clone(),
@@ -291,11 +305,11 @@ impl Wakeups {
 
     /// Where inserts may hand this process jobs: its LISTEN session, if up.
     pub fn address(&self) -> Option<i32> {
-        Some(self.address.load(Ordering::Relaxed)).filter(|&a| a != 0)
+        self.address.get()
     }
 
     pub fn set_address(&self, address: Option<i32>) {
-        self.address.store(address.unwrap_or(0), Ordering::Relaxed);
+        self.address.set(address);
     }
 
     pub fn finished(&self) -> &FinishedJobs {
