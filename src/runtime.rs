@@ -199,8 +199,13 @@ impl Runtime {
         // and ends `?wait=` requests; an API-only process needs it too. Its
         // session lasts until the attempts have ended and their outcomes
         // are written: jobs handed to it meanwhile stay this process's
-        // (schema step 9), and cancels still reach running attempts.
-        let stop_listening = CancellationToken::new();
+        // (schema step 9), and cancels still reach running attempts. With
+        // no workers it ends with the shutdown.
+        let stop_listening = if handlers.is_empty() {
+            shutdown.clone()
+        } else {
+            CancellationToken::new()
+        };
         if !handlers.is_empty() || self.run_api {
             if config.worker.listen {
                 let url = config
@@ -342,12 +347,6 @@ impl Runtime {
                 {
                     give_up.cancel();
                 }
-                stop_listening.cancel();
-            });
-        } else {
-            let stopping = shutdown.clone();
-            tasks.spawn(async move {
-                stopping.cancelled().await;
                 stop_listening.cancel();
             });
         }
