@@ -167,9 +167,10 @@ pub async fn insert_jobs(client: &impl GenericClient, jobs: &[NewJob]) -> Result
 
 /// [`insert_jobs`], handing a job to a sleeping worker only if
 /// `hand_over`; if not, `pgtasks.handover = off` holds for the rest of the
-/// transaction (set once, by an InitPlan, before the first row). The HTTP submitter hands over
-/// only when idle: a handover makes its insert slower (measured: 12.6–13.6k
-/// req/s without handovers under load, 11.8–12.4k with them).
+/// transaction (set once, by an InitPlan, before the first row). The HTTP
+/// submitter hands over only when idle: a handover makes its insert slower
+/// (measured: 12.6–13.6k req/s without handovers under load, 11.8–12.4k
+/// with them).
 pub async fn insert_jobs_handing_over(
     client: &impl GenericClient,
     jobs: &[NewJob],
