@@ -64,6 +64,18 @@ async fn completed_as_claimed(client: &tokio_postgres::Client, id: i64) {
     .await;
 }
 
+/// Makes another session `readme-queue`'s address and inserts a job, which
+/// is handed to that session: the session, its pid and the job.
+async fn hand_one_elsewhere(
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+) -> (tokio_postgres::Client, i32, i64) {
+    let (other, pid) = another_address(db, "readme-queue").await;
+    let id = insert_job(client, "readme-queue", json!({})).await;
+    assert_eq!(job_row(client, id).await, ("active".into(), 1, Some(pid)));
+    (other, pid, id)
+}
+
 /// A job's lease, in whole seconds from its start.
 async fn lease_secs(client: &tokio_postgres::Client, id: i64) -> i64 {
     let sql = format!(
@@ -190,13 +202,7 @@ async fn a_job_handed_to_a_session_that_ends_is_given_back_unburned() {
     let recorder = Recorder::default();
     let (running, shutdown) = start_rescuing(&db, &recorder).await;
     let client = db.client().await;
-    let (other, other_pid) = another_address(&db, "readme-queue").await;
-
-    let id = insert_job(&client, "readme-queue", json!({})).await;
-    assert_eq!(
-        job_row(&client, id).await,
-        ("active".into(), 1, Some(other_pid))
-    );
+    let (other, _, id) = hand_one_elsewhere(&db, &client).await;
     // While that session lasts, the job is its own.
     assert_eq!(
         count(
@@ -225,9 +231,7 @@ async fn a_job_handed_to_a_session_that_takes_no_notice_is_given_back_after_its_
     let recorder = Recorder::default();
     let (running, shutdown) = start_rescuing(&db, &recorder).await;
     let client = db.client().await;
-    let (other, other_pid) = another_address(&db, "readme-queue").await;
-
-    let id = insert_job(&client, "readme-queue", json!({})).await;
+    let (other, other_pid, id) = hand_one_elsewhere(&db, &client).await;
     assert_eq!(lease_secs(&client, id).await, 15);
     // As if those 15 s had passed.
     client
@@ -482,13 +486,7 @@ async fn a_handed_job_that_fails_waits_as_an_ordinary_one() {
     let recorder = Recorder::default();
     let (running, shutdown) = start_recording(&db, &recorder).await;
     let client = db.client().await;
-    let (_other, other_pid) = another_address(&db, "readme-queue").await;
-
-    let id = insert_job(&client, "readme-queue", json!({})).await;
-    assert_eq!(
-        job_row(&client, id).await,
-        ("active".into(), 1, Some(other_pid))
-    );
+    let (_other, _, id) = hand_one_elsewhere(&db, &client).await;
     client
         .execute(
             "SELECT pgtasks.fail_jobs(ARRAY[$1::bigint], ARRAY[1], ARRAY['failed'])",
